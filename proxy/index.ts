@@ -1,0 +1,124 @@
+/**
+ * The Postgres-facing edge: TCP listener (TLS after SSLRequest), SCRAM with the client, wake,
+ * pipe; live connection counts to the control plane; `/metrics` and `/healthz`.
+ */
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { SecureContext } from 'node:tls';
+import { CertStore } from '../certs/index.ts';
+import { XenonError } from '../lib/errors.ts';
+import { Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
+import type { Logger } from '../lib/logger.ts';
+import type { ControlPlaneApi } from '../wake-compute/api.ts';
+import { ControlPlaneClient } from '../wake-compute/client.ts';
+import { MemoryCancelMap, type CancelMap } from './cancellation.ts';
+import type { ProxyConfig } from './config.ts';
+import { handleClient } from './connection.ts';
+import { ConnectionTracker } from './connections.ts';
+import { RequestContext } from './context.ts';
+import { CachedControlPlane } from './control-plane.ts';
+import { createProxyMetrics, type ProxyMetrics } from './metrics.ts';
+import { backend } from './pgwire/index.ts';
+
+export interface ProxyDeps {
+  logger: Logger;
+  /** Defaults to the HTTP client of `config.controlPlaneUrl`. */
+  controlPlane?: ControlPlaneApi;
+  /** Defaults to a CertStore on `config.certFile`/`keyFile` that reloads on change. */
+  secureContext?: () => SecureContext;
+  cancels?: CancelMap;
+  metrics?: ProxyMetrics;
+}
+
+export interface ProxyHandle {
+  address: AddressInfo;
+  metricsUrl: string;
+  metrics: ProxyMetrics;
+  tracker: ConnectionTracker;
+  cp: CachedControlPlane;
+  /** Client sockets open now. */
+  readonly openConnections: number;
+  close(): Promise<void>;
+}
+
+export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<ProxyHandle> {
+  const logger = deps.logger;
+  const metrics = deps.metrics ?? createProxyMetrics();
+  let certs: CertStore | undefined;
+  let secureContext = deps.secureContext;
+  if (!secureContext) {
+    certs = await CertStore.load({ cert: config.certFile, key: config.keyFile }, {
+      onReload: (ok, err) => (ok ? logger.info('TLS certificates reloaded') : logger.warn('TLS certificate reload failed; keeping the old ones', { err })),
+    });
+    const store = certs;
+    secureContext = () => store.context;
+  }
+  const api = deps.controlPlane ?? new ControlPlaneClient(config.controlPlaneUrl);
+  const cp = new CachedControlPlane(api, { accessTtlMs: config.accessCacheTtlMs, negativeTtlMs: Math.min(config.accessCacheTtlMs, 30_000), maxWakeCacheMs: config.maxWakeCacheMs });
+  const tracker = new ConnectionTracker(api, { proxyId: config.proxyId, intervalMs: config.reportIntervalMs, logger: logger.child({ component: 'connections' }) });
+  tracker.start();
+  const cancels = deps.cancels ?? new MemoryCancelMap();
+  const sockets = new Set<Socket>();
+  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext };
+
+  const server: Server = createServer({ noDelay: true }, (socket) => {
+    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    if (sockets.size >= config.maxClientConnections) {
+      const xe = new XenonError('PROXY_TOO_MANY_CONNECTIONS');
+      metrics.errors.inc({ kind: xe.kind, code: xe.code });
+      socket.on('error', () => {});
+      socket.end(backend.errorResponse({ severity: 'FATAL', code: xe.sqlstate, message: xe.userMessage }));
+      return;
+    }
+    sockets.add(socket);
+    metrics.connectionsOpened.inc({ protocol: 'tcp' });
+    metrics.connectionsActive.inc({ protocol: 'tcp' });
+    socket.once('close', () => {
+      sockets.delete(socket);
+      metrics.connectionsClosed.inc({ protocol: 'tcp' });
+      metrics.connectionsActive.dec({ protocol: 'tcp' });
+    });
+    const ctx = new RequestContext(peer, 'tcp', logger);
+    handleClient(socket, sessionDeps, ctx).catch((err: Error) => {
+      // handleClient answers every error itself; this is a last line of defence.
+      logger.error('unhandled connection error', { err });
+      socket.destroy();
+    });
+  });
+  server.on('error', (err) => logger.error('listener error', { err }));
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(config.port, config.host, () => { server.off('error', reject); resolve(); });
+  });
+  const address = server.address() as AddressInfo;
+  let http: HttpServerHandle;
+  try {
+    http = await startHttpServer({ host: config.metricsHost, port: config.metricsPort, router: new Router(), registry: metrics.registry, logger });
+  } catch (err) {
+    server.close();
+    tracker.stop();
+    certs?.close();
+    throw err;
+  }
+  logger.info('proxy listening', { address: `${address.address}:${address.port}`, metrics: http.url, domain: config.domain });
+  return {
+    address,
+    metricsUrl: http.url,
+    metrics,
+    tracker,
+    cp,
+    get openConnections() { return sockets.size; },
+    async close() {
+      tracker.stop();
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const s of sockets) s.destroy();
+      });
+      // One last report so the control plane sees this proxy's connections gone.
+      await tracker.report().catch(() => {});
+      await http.close();
+      certs?.close();
+    },
+  };
+}
+
+export { loadProxyConfig, type ProxyConfig } from './config.ts';

@@ -1,0 +1,57 @@
+/**
+ * The compute driver contract: what the control plane asks of a place that runs computes
+ * (a local process, a QEMU VM, a Kubernetes pod). Drivers never touch metadata.
+ */
+export const COMPUTE_STATUSES = ['stopped', 'running', 'suspended'] as const;
+export type ComputeStatus = (typeof COMPUTE_STATUSES)[number];
+
+export interface ComputeSpec {
+  /** The endpoint id: one compute per endpoint. */
+  computeId: string;
+  /** Whose data the compute serves (the branch id); data of one key is used by one compute at a time. */
+  dataKey: string;
+  /** Extra `postgresql.conf` settings for this start. */
+  settings?: Record<string, string | number>;
+}
+
+export interface ComputeAddress {
+  host: string;
+  port: number;
+}
+
+export interface AdminCredentials {
+  user: string;
+  password: string;
+}
+
+export interface ComputeExit {
+  computeId: string;
+  code: number | null;
+  expected: boolean;
+}
+
+export interface ComputeDriver {
+  readonly kind: string;
+  /** Creates the data for `dataKey` if it does not exist yet (initdb: never on the wake path). */
+  prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }>;
+  /** Whether data for `dataKey` exists. */
+  hasData(dataKey: string): Promise<boolean>;
+  /** Starts the compute and resolves once it accepts connections. */
+  start(spec: ComputeSpec): Promise<ComputeAddress>;
+  /** Clean shutdown (a checkpoint, then exit); resolves when it is gone. No-op when stopped. */
+  stop(computeId: string): Promise<void>;
+  /** Freezes every process of the compute: memory kept, CPU zero. */
+  suspend(computeId: string): Promise<void>;
+  /** Thaws a suspended compute. */
+  resume(computeId: string): Promise<void>;
+  status(computeId: string): ComputeStatus;
+  address(computeId: string): ComputeAddress | undefined;
+  /** Pids of every process of the compute (tests, diagnostics). */
+  pids(computeId: string): Promise<number[]>;
+  /** Called when a compute exits without being asked to. */
+  onUnexpectedExit(cb: (exit: ComputeExit) => void): void;
+  /** Deletes the data of `dataKey` (the compute must be stopped). */
+  destroyData(dataKey: string): Promise<void>;
+  /** Stops every compute. */
+  close(): Promise<void>;
+}

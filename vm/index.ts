@@ -1,0 +1,3 @@
+/** Compute drivers. `process` is the embedded default; `qemu` and `kubernetes` come later behind the same contract. */
+export type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus } from './api.ts';
+export { ProcessDriver, type ProcessDriverOptions } from './process.ts';

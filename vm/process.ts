@@ -1,0 +1,186 @@
+/**
+ * The process driver (the embedded default): one stock `postgres` per endpoint on a loopback
+ * port, its data directory under the data root, frozen with the cgroup freezer when suspended.
+ */
+import { createHash } from 'node:crypto';
+import { access, mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { XenonError } from '../lib/errors.ts';
+import type { Logger } from '../lib/logger.ts';
+import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, type RunAs } from '../lib/postgres.ts';
+import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus } from './api.ts';
+import { childPids, createFreezer, type Freezer } from './freezer.ts';
+
+export interface ProcessDriverOptions {
+  pgBin: string;
+  /** Data directories: `<dataRoot>/computes/<dataKey>/pgdata` (reachable by `runAs`). */
+  dataRoot: string;
+  /** Compute logs: `<logDir>/<computeId>.log`. */
+  logDir: string;
+  runAs: RunAs | undefined;
+  portRange: readonly [number, number];
+  /** Defaults for every compute's postgresql.conf. */
+  settings?: Record<string, string | number>;
+  freezer?: 'auto' | 'cgroup' | 'signal';
+  readyTimeoutMs?: number;
+  stopTimeoutMs?: number;
+  logger: Logger;
+}
+
+interface Running {
+  pg: PostgresProcess;
+  dataKey: string;
+  suspended: boolean;
+  stopping: boolean;
+}
+
+const SAFE_KEY = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+export class ProcessDriver implements ComputeDriver {
+  readonly kind = 'process';
+  private readonly running = new Map<string, Running>();
+  private readonly exitListeners: ((e: ComputeExit) => void)[] = [];
+  private constructor(
+    private readonly opts: ProcessDriverOptions,
+    private readonly freezer: Freezer,
+  ) {}
+
+  static async create(opts: ProcessDriverOptions): Promise<ProcessDriver> {
+    await ensureOwnedDir(opts.dataRoot, undefined, 0o755);
+    await ensureOwnedDir(join(opts.dataRoot, 'computes'), opts.runAs, 0o700);
+    await mkdir(opts.logDir, { recursive: true });
+    const scope = createHash('sha256').update(opts.dataRoot).digest('hex').slice(0, 12);
+    const freezer = await createFreezer(scope, opts.freezer ?? 'auto');
+    opts.logger.info('process driver ready', { freezer: freezer.kind, dataRoot: opts.dataRoot });
+    return new ProcessDriver(opts, freezer);
+  }
+
+  get freezerKind(): Freezer['kind'] {
+    return this.freezer.kind;
+  }
+
+  private dataDir(dataKey: string): string {
+    if (!SAFE_KEY.test(dataKey)) throw new XenonError('CP_BAD_REQUEST', `unsafe data key ${JSON.stringify(dataKey)}`);
+    return join(this.opts.dataRoot, 'computes', dataKey, 'pgdata');
+  }
+
+  async hasData(dataKey: string): Promise<boolean> {
+    try {
+      await access(join(this.dataDir(dataKey), 'PG_VERSION'));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  async prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
+    if (await this.hasData(dataKey)) return { created: false };
+    const dir = this.dataDir(dataKey);
+    await rm(dir, { recursive: true, force: true }); // a half-made dir from an interrupted initdb
+    await initdb({ bin: this.opts.pgBin, dataDir: dir, superuser: admin.user, password: admin.password, runAs: this.opts.runAs });
+    return { created: true };
+  }
+
+  async start(spec: ComputeSpec): Promise<ComputeAddress> {
+    const existing = this.running.get(spec.computeId);
+    if (existing && !existing.stopping) throw new XenonError('CP_CONFLICT', `compute ${spec.computeId} is already running`);
+    const dataDir = this.dataDir(spec.dataKey);
+    if (!(await this.hasData(spec.dataKey))) {
+      throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
+    }
+    const inUse = new Set([...this.running.values()].map((r) => r.pg.port));
+    let lastErr: unknown;
+    // A port that was free when probed can be taken before postgres binds it: try a few.
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const port = await findFreePort(this.opts.portRange[0], this.opts.portRange[1], inUse);
+      try {
+        const pg = await PostgresProcess.start({
+          bin: this.opts.pgBin,
+          dataDir,
+          port,
+          runAs: this.opts.runAs,
+          logFile: join(this.opts.logDir, `${spec.computeId}.log`),
+          readyTimeoutMs: this.opts.readyTimeoutMs,
+          settings: { password_encryption: 'scram-sha-256', ...this.opts.settings, ...spec.settings },
+        });
+        const r: Running = { pg, dataKey: spec.dataKey, suspended: false, stopping: false };
+        this.running.set(spec.computeId, r);
+        await this.freezer.adopt(spec.computeId, pg.pid).catch((err: Error) =>
+          this.opts.logger.warn('could not put compute in its freezer cgroup', { computeId: spec.computeId, err }),
+        );
+        void pg.waitExit().then(() => this.onExit(spec.computeId, r));
+        return { host: '127.0.0.1', port };
+      } catch (err) {
+        lastErr = err;
+        inUse.add(port);
+        if (!String((err as Error).message).includes('could not bind')) break;
+      }
+    }
+    throw lastErr;
+  }
+
+  private onExit(computeId: string, r: Running): void {
+    if (this.running.get(computeId) === r) this.running.delete(computeId);
+    void this.freezer.release(computeId);
+    if (!r.stopping) {
+      this.opts.logger.warn('compute exited unexpectedly', { computeId, code: r.pg.lastExitCode });
+      for (const l of this.exitListeners) l({ computeId, code: r.pg.lastExitCode, expected: false });
+    }
+  }
+
+  async stop(computeId: string): Promise<void> {
+    const r = this.running.get(computeId);
+    if (!r) return;
+    r.stopping = true;
+    if (r.suspended) await this.resume(computeId);
+    await r.pg.stop('fast', this.opts.stopTimeoutMs ?? 30_000);
+  }
+
+  async suspend(computeId: string): Promise<void> {
+    const r = this.running.get(computeId);
+    if (!r) throw new XenonError('CP_CONFLICT', `compute ${computeId} is not running`);
+    if (r.suspended) return;
+    await this.freezer.freeze(computeId, r.pg.pid);
+    r.suspended = true;
+  }
+
+  async resume(computeId: string): Promise<void> {
+    const r = this.running.get(computeId);
+    if (!r) throw new XenonError('CP_CONFLICT', `compute ${computeId} is not running`);
+    if (!r.suspended) return;
+    await this.freezer.thaw(computeId, r.pg.pid);
+    r.suspended = false;
+  }
+
+  status(computeId: string): ComputeStatus {
+    const r = this.running.get(computeId);
+    if (!r) return 'stopped';
+    return r.suspended ? 'suspended' : 'running';
+  }
+
+  address(computeId: string): ComputeAddress | undefined {
+    const r = this.running.get(computeId);
+    return r ? { host: '127.0.0.1', port: r.pg.port } : undefined;
+  }
+
+  async pids(computeId: string): Promise<number[]> {
+    const r = this.running.get(computeId);
+    if (!r) return [];
+    return [r.pg.pid, ...(await childPids(r.pg.pid))];
+  }
+
+  onUnexpectedExit(cb: (e: ComputeExit) => void): void {
+    this.exitListeners.push(cb);
+  }
+
+  async destroyData(dataKey: string): Promise<void> {
+    for (const r of this.running.values()) {
+      if (r.dataKey === dataKey) throw new XenonError('CP_CONFLICT', `data ${dataKey} is in use by a running compute`);
+    }
+    await rm(join(this.opts.dataRoot, 'computes', dataKey), { recursive: true, force: true });
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.running.keys()].map((id) => this.stop(id).catch(() => {})));
+  }
+}

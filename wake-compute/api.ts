@@ -1,0 +1,174 @@
+/**
+ * The control plane's `/v1` HTTP contract: routes and the request/response shapes other
+ * services (the proxy, the CLI, tests) rely on. Errors are `{ error: { code, message, retryable } }`.
+ *
+ * Console API (users, CLI):
+ *   GET    /v1/projects                                   → { projects: Project[] }
+ *   POST   /v1/projects               CreateProjectRequest → CreateProjectResponse
+ *   GET    /v1/projects/:project                          → { project: Project }
+ *   DELETE /v1/projects/:project                          → { project: Project }
+ *   GET    /v1/projects/:project/branches                 → { branches: Branch[] }
+ *   GET    /v1/projects/:project/branches/:branch         → { branch: Branch }
+ *   GET    /v1/projects/:project/endpoints                → { endpoints: Endpoint[] }
+ *   POST   /v1/projects/:project/endpoints CreateEndpointRequest → { endpoint: Endpoint }
+ *   GET    /v1/endpoints/:endpoint                        → { endpoint: Endpoint }
+ *   PATCH  /v1/endpoints/:endpoint     UpdateEndpointRequest → { endpoint: Endpoint }
+ *   DELETE /v1/endpoints/:endpoint                        → { endpoint: Endpoint }
+ *   POST   /v1/endpoints/:endpoint/(start|suspend|stop)   → { endpoint: Endpoint }
+ *   GET    /v1/endpoints/:endpoint/events                 → { events: LifecycleEvent[] }
+ *   GET    /v1/projects/:project/branches/:branch/roles   → { roles: Role[] }
+ *   POST   /v1/projects/:project/branches/:branch/roles  CreateRoleRequest → { role: Role, password? }
+ *   POST   /v1/projects/:project/branches/:branch/roles/:role/reset_password → { role, password }
+ *   DELETE /v1/projects/:project/branches/:branch/roles/:role → { role: Role }
+ *   GET    /v1/projects/:project/branches/:branch/databases → { databases: Database[] }
+ *   POST   /v1/projects/:project/branches/:branch/databases CreateDatabaseRequest → { database }
+ *   DELETE /v1/projects/:project/branches/:branch/databases/:database → { database }
+ *
+ * Proxy API:
+ *   GET    /v1/proxy/endpoints/:endpoint/access?role=R    → EndpointAccess   (404 CP_ENDPOINT_NOT_FOUND)
+ *   POST   /v1/proxy/endpoints/:endpoint/wake             → ComputeInfo
+ *   POST   /v1/proxy/connections       ConnectionReport   → { ok: true }
+ */
+
+export const ENDPOINT_STATES = ['stopped', 'starting', 'active', 'suspended', 'stopping'] as const;
+export type EndpointState = (typeof ENDPOINT_STATES)[number];
+
+export interface Project {
+  id: string;
+  name: string;
+  created_at: string;
+  default_branch_id: string | null;
+  /** IP allowlist for every endpoint of the project; empty = all allowed. */
+  allowed_ips: string[];
+}
+
+export interface Branch {
+  id: string;
+  project_id: string;
+  name: string;
+  parent_id: string | null;
+  created_at: string;
+}
+
+export interface Endpoint {
+  id: string;
+  project_id: string;
+  branch_id: string;
+  /** `<id>.<domain>` */
+  host: string;
+  state: EndpointState;
+  /** Seconds with no connections before the compute is suspended; 0 = never. */
+  suspend_timeout_seconds: number;
+  /** Seconds suspended before the compute is stopped; 0 = never. */
+  stop_timeout_seconds: number;
+  disabled: boolean;
+  /** Live client connections reported by the proxies. */
+  connections: number;
+  last_active_at: string | null;
+  created_at: string;
+}
+
+export interface Role {
+  branch_id: string;
+  name: string;
+  created_at: string;
+}
+
+export interface Database {
+  branch_id: string;
+  name: string;
+  owner_name: string;
+  created_at: string;
+}
+
+export interface LifecycleEvent {
+  id: number;
+  endpoint_id: string;
+  event: 'start' | 'started' | 'start_failed' | 'suspend' | 'resume' | 'stop' | 'exit';
+  detail: string | null;
+  at: string;
+}
+
+export interface CreateProjectRequest {
+  name?: string;
+  /** Role created with the project (default `neondb_owner`). */
+  role_name?: string;
+  /** Its password; generated when absent (returned once). */
+  role_password?: string;
+  database_name?: string;
+  suspend_timeout_seconds?: number;
+  stop_timeout_seconds?: number;
+}
+
+export interface CreateProjectResponse {
+  project: Project;
+  branch: Branch;
+  endpoint: Endpoint;
+  role: Role;
+  database: Database;
+  /** Shown once. */
+  password: string;
+  connection_uri: string;
+}
+
+export interface CreateEndpointRequest {
+  branch_id: string;
+  suspend_timeout_seconds?: number;
+  stop_timeout_seconds?: number;
+}
+
+export interface UpdateEndpointRequest {
+  suspend_timeout_seconds?: number;
+  stop_timeout_seconds?: number;
+  disabled?: boolean;
+}
+
+export interface CreateRoleRequest {
+  name: string;
+  password?: string;
+}
+
+export interface CreateDatabaseRequest {
+  name: string;
+  owner_name: string;
+}
+
+/** What the proxy needs to authenticate a client of `endpoint` as `role`. */
+export interface EndpointAccess {
+  endpoint_id: string;
+  project_id: string;
+  branch_id: string;
+  /** Postgres SCRAM secret string, or null when the role does not exist. */
+  role_secret: string | null;
+  /** Empty = every address allowed. */
+  allowed_ips: string[];
+}
+
+export interface ComputeInfo {
+  endpoint_id: string;
+  host: string;
+  port: number;
+  /** True when this wake had to start or resume the compute. */
+  cold: boolean;
+  /** How long the proxy may reuse this answer without asking again. */
+  cache_ttl_ms: number;
+}
+
+export interface ConnectionReport {
+  proxy_id: string;
+  /** Live connections per endpoint id (endpoints with 0 may be omitted). */
+  counts: Record<string, number>;
+  /** How long this report stays valid if no newer one arrives. */
+  ttl_seconds: number;
+}
+
+/** The control plane as the proxy sees it (DESIGN §5). */
+export interface ControlPlaneApi {
+  /** null when the endpoint does not exist. */
+  getEndpointAccess(endpoint: string, role: string): Promise<EndpointAccess | null>;
+  wakeCompute(endpoint: string): Promise<ComputeInfo>;
+  reportConnections(report: ConnectionReport): Promise<void>;
+}
+
+export const ENDPOINT_ID_RE = /^ep-[a-z0-9]+(?:-[a-z0-9]+)*$/;
+export const NAME_RE = /^[A-Za-z_][A-Za-z0-9_$-]{0,62}$/;

@@ -1,0 +1,187 @@
+/**
+ * `xenon`: the local Xenon CLI (lives with the control plane, as neon_local does in Neon).
+ *
+ *   xenon up [--json] [--verbose]     start everything; print the default connection string
+ *   xenon certs                       create (if needed) and print the certificate paths
+ *   xenon status                      projects and endpoints with their state
+ *   xenon project create [--name N]   a new project (branch main, endpoint, role, database)
+ *   xenon endpoint list|start|suspend|stop|get <endpoint> [--project P]
+ *   xenon connstr                     the default endpoint's connection string and psql line
+ *
+ * State lives in $XENON_STATE_DIR (default ~/.xenon). Other commands find the running stack
+ * through <state>/stack.json, or $XENON_API_URL.
+ */
+import { join } from 'node:path';
+import { certPaths, ensureCerts } from '../certs/index.ts';
+import { ConfigError, parseFlags, stateDirFrom } from '../lib/config.ts';
+import { XenonError } from '../lib/errors.ts';
+import { ControlPlaneClient } from './client.ts';
+import { readJson, startStack, writeJsonAtomic } from './stack.ts';
+
+interface Credentials {
+  project_id: string;
+  endpoint_id: string;
+  role: string;
+  password: string;
+  database: string;
+}
+
+interface StackFile {
+  api_url: string;
+  proxy_port: number;
+  metrics_url: string;
+  domain: string;
+  pid: number;
+}
+
+const env = process.env;
+const [command = 'help', ...rest] = process.argv.slice(2);
+const sub = rest[0] && !rest[0].startsWith('--') ? rest[0] : undefined;
+const positional = rest.filter((a) => !a.startsWith('--'));
+const flags = parseFlags(rest);
+const stateDir = stateDirFrom(env);
+const domain = (flags.get('domain') ?? env.XENON_DOMAIN ?? 'localtest.me').toLowerCase();
+const credentialsPath = join(stateDir, 'credentials.json');
+const stackPath = join(stateDir, 'stack.json');
+
+export function connectionStrings(c: Credentials, d: string, port: number, caCert: string): { uri: string; psql: string } {
+  const host = `${c.endpoint_id}.${d}`;
+  const uri = `postgresql://${encodeURIComponent(c.role)}:${encodeURIComponent(c.password)}@${host}:${port}/${encodeURIComponent(c.database)}?sslmode=verify-full&sslrootcert=${caCert}`;
+  const psql = `psql "host=${host} hostaddr=127.0.0.1 port=${port} user=${c.role} password=${c.password} dbname=${c.database} sslmode=verify-full sslrootcert=${caCert}"`;
+  return { uri, psql };
+}
+
+async function api(): Promise<ControlPlaneClient> {
+  const url = env.XENON_API_URL ?? (await readJson<StackFile>(stackPath))?.api_url;
+  if (!url) throw new Error(`no running stack found (${stackPath} is missing): run 'xenon up' first, or set XENON_API_URL`);
+  return new ControlPlaneClient(url);
+}
+
+async function up(): Promise<void> {
+  const json = flags.has('json');
+  const say = (m: string): void => { if (!json) process.stderr.write(`xenon: ${m}\n`); };
+  say(`state in ${stateDir}`);
+  const stack = await startStack({ stateDir, domain, env, echoLogs: flags.has('verbose'), log: say });
+  const client = new ControlPlaneClient(stack.apiUrl);
+  let creds = await readJson<Credentials>(credentialsPath);
+  if (creds) {
+    try {
+      await client.getEndpoint(creds.endpoint_id);
+    } catch (err) {
+      if (!(err instanceof XenonError && err.code === 'CP_ENDPOINT_NOT_FOUND')) throw err;
+      say(`the saved endpoint ${creds.endpoint_id} no longer exists; creating a new default project`);
+      creds = undefined;
+    }
+  }
+  if (!creds) {
+    const p = await client.createProject({ name: 'default' });
+    creds = { project_id: p.project.id, endpoint_id: p.endpoint.id, role: p.role.name, password: p.password, database: p.database.name };
+    await writeJsonAtomic(credentialsPath, creds);
+    say(`created project ${p.project.id} with endpoint ${p.endpoint.id}`);
+  }
+  await writeJsonAtomic(stackPath, { api_url: stack.apiUrl, proxy_port: stack.proxyPort, metrics_url: stack.metricsUrl, domain, pid: process.pid } satisfies StackFile);
+  const { uri, psql } = connectionStrings(creds, domain, stack.proxyPort, stack.caCert);
+  if (json) {
+    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, state_dir: stateDir, ...creds }) + '\n');
+  } else {
+    process.stdout.write(
+      `\nXenon is up.\n\n  Connection string:\n    ${uri}\n\n  psql (no DNS needed):\n    ${psql}\n\n` +
+      `  Control plane API: ${stack.apiUrl}   Proxy metrics: ${stack.metricsUrl}\n  Logs: ${join(stateDir, 'logs')}\n\nPress Ctrl-C to stop.\n`,
+    );
+  }
+  let stopping = false;
+  const shutdown = async (why: string, code: number): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    say(`${why}: stopping…`);
+    await stack.stop().catch((err: Error) => say(`stop failed: ${err.message}`));
+    say('stopped');
+    process.exit(code);
+  };
+  process.on('SIGINT', () => void shutdown('interrupted', 0));
+  process.on('SIGTERM', () => void shutdown('terminated', 0));
+  void stack.died.then((name) => shutdown(`${name} exited unexpectedly (see ${join(stateDir, 'logs', `${name}.log`)})`, 1));
+}
+
+async function main(): Promise<void> {
+  switch (command) {
+    case 'up':
+      return up();
+    case 'certs': {
+      const p = await ensureCerts({ stateDir, domain });
+      process.stdout.write(`CA certificate:      ${p.caCert}\nServer certificate:  ${p.cert}\nServer key:          ${p.key}\nDomain:              *.${domain}\n`);
+      return;
+    }
+    case 'connstr': {
+      const creds = await readJson<Credentials>(credentialsPath);
+      const s = await readJson<StackFile>(stackPath);
+      if (!creds) throw new Error(`no default project yet (${credentialsPath}): run 'xenon up' first`);
+      const { uri, psql } = connectionStrings(creds, s?.domain ?? domain, s?.proxy_port ?? 4432, certPaths(stateDir).caCert);
+      process.stdout.write(`${uri}\n${psql}\n`);
+      return;
+    }
+    case 'status': {
+      const c = await api();
+      for (const p of (await c.listProjects()).projects) {
+        process.stdout.write(`project ${p.id} (${p.name})\n`);
+        for (const e of (await c.listEndpoints(p.id)).endpoints) {
+          process.stdout.write(`  ${e.id}  ${e.state.padEnd(9)}  connections=${e.connections}  suspend=${e.suspend_timeout_seconds}s stop=${e.stop_timeout_seconds}s  ${e.host}\n`);
+        }
+      }
+      return;
+    }
+    case 'project': {
+      if (sub !== 'create') break;
+      const c = await api();
+      const p = await c.createProject({ name: flags.get('name') });
+      const s = await readJson<StackFile>(stackPath);
+      const { uri, psql } = connectionStrings(
+        { project_id: p.project.id, endpoint_id: p.endpoint.id, role: p.role.name, password: p.password, database: p.database.name },
+        s?.domain ?? domain, s?.proxy_port ?? 4432, certPaths(stateDir).caCert,
+      );
+      process.stdout.write(`project ${p.project.id}, endpoint ${p.endpoint.id}\n${uri}\n${psql}\n`);
+      return;
+    }
+    case 'endpoint': {
+      const c = await api();
+      const id = positional[1];
+      if (sub === 'list') {
+        const projects = flags.get('project') ? [flags.get('project')!] : (await c.listProjects()).projects.map((p) => p.id);
+        for (const p of projects) for (const e of (await c.listEndpoints(p)).endpoints) process.stdout.write(`${e.id}\t${e.state}\t${e.connections}\t${e.host}\n`);
+        return;
+      }
+      if (!id) break;
+      if (sub === 'get') { process.stdout.write(JSON.stringify((await c.getEndpoint(id)).endpoint, null, 2) + '\n'); return; }
+      if (sub === 'start' || sub === 'suspend' || sub === 'stop') {
+        const e = (await c.endpointAction(id, sub)).endpoint;
+        process.stdout.write(`${e.id} ${e.state}\n`);
+        return;
+      }
+      break;
+    }
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return;
+  }
+  process.stderr.write(`xenon: unknown command '${[command, sub].filter(Boolean).join(' ')}'\n\n${USAGE}`);
+  process.exit(2);
+}
+
+const USAGE = `usage: xenon <command>
+  up [--json] [--verbose]            start the local stack; print the default connection string
+  certs                              create (if needed) and print the TLS certificate paths
+  connstr                            print the default endpoint's connection string and psql line
+  status                             projects and endpoints with their state
+  project create [--name N]          create a project (branch main, endpoint, role, database)
+  endpoint list [--project P]        list endpoints
+  endpoint get|start|suspend|stop <endpoint>
+State: $XENON_STATE_DIR (default ~/.xenon).
+`;
+
+main().catch((err: Error) => {
+  const msg = err instanceof XenonError ? err.userMessage : err instanceof ConfigError ? `configuration: ${err.message}` : err.message;
+  process.stderr.write(`xenon: ${msg}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,71 @@
+/** Control-plane configuration: the only file of wake-compute/ that reads `process.env`. */
+import { join } from 'node:path';
+import { ConfigError, ConfigSource, parseFlags, stateDirFrom, type Env } from '../lib/config.ts';
+import type { LogLevel } from '../lib/logger.ts';
+import { dataRootFor, findPgBin, pgRunAs, type RunAs } from '../lib/postgres.ts';
+
+export interface ControlPlaneConfig {
+  readonly host: string;
+  readonly port: number;
+  readonly stateDir: string;
+  /** Postgres data directories (computes, and the local metadata cluster). */
+  readonly dataRoot: string;
+  readonly databaseUrl: string;
+  readonly domain: string;
+  /** The port clients connect to at the proxy (for connection strings). */
+  readonly proxyPort: number;
+  readonly pgBin: string;
+  readonly runAs: RunAs | undefined;
+  readonly computePortRange: readonly [number, number];
+  readonly defaultSuspendTimeoutSeconds: number;
+  readonly defaultStopTimeoutSeconds: number;
+  readonly idleCheckIntervalMs: number;
+  readonly maxWakeCacheMs: number;
+  readonly freezer: 'auto' | 'cgroup' | 'signal';
+  /** Extra `postgresql.conf` settings for every compute, `k=v,k=v`. */
+  readonly computeSettings: Readonly<Record<string, string>>;
+  readonly logLevel: LogLevel;
+}
+
+export function parseSettings(text: string | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (!text) return out;
+  for (const part of text.split(',')) {
+    const eq = part.indexOf('=');
+    if (eq <= 0 || !/^[a-z_.]+$/.test(part.slice(0, eq).trim())) throw new ConfigError(`bad compute setting ${JSON.stringify(part)}: use name=value`);
+    out[part.slice(0, eq).trim()] = part.slice(eq + 1).trim();
+  }
+  return out;
+}
+
+export function loadControlPlaneConfig(env: Env = process.env, argv: readonly string[] = process.argv.slice(2)): ControlPlaneConfig {
+  const c = new ConfigSource(env, parseFlags(argv));
+  const stateDir = stateDirFrom(env);
+  const databaseUrl = c.optionalString('DATABASE_URL', 'database-url');
+  if (!databaseUrl) throw new ConfigError('DATABASE_URL is required (xenon up starts a local metadata cluster and sets it)');
+  const portFrom = c.int('XENON_COMPUTE_PORT_MIN', 55433, { min: 1024, max: 65535 });
+  const portTo = c.int('XENON_COMPUTE_PORT_MAX', 55999, { min: portFrom, max: 65535 });
+  const freezer = c.string('XENON_FREEZER', 'auto');
+  if (freezer !== 'auto' && freezer !== 'cgroup' && freezer !== 'signal') throw new ConfigError('XENON_FREEZER must be auto, cgroup or signal');
+  return Object.freeze({
+    host: c.string('XENON_API_HOST', '127.0.0.1', 'host'),
+    port: c.int('XENON_API_PORT', 3000, { min: 0, max: 65535, flag: 'port' }),
+    stateDir,
+    dataRoot: dataRootFor(env, stateDir),
+    databaseUrl,
+    domain: c.string('XENON_DOMAIN', 'localtest.me', 'domain'),
+    proxyPort: c.int('XENON_PROXY_PORT', 4432, { min: 0, max: 65535 }),
+    pgBin: findPgBin(env),
+    runAs: pgRunAs(env),
+    computePortRange: [portFrom, portTo] as const,
+    defaultSuspendTimeoutSeconds: c.int('XENON_SUSPEND_TIMEOUT_SECONDS', 300, { min: 0 }),
+    defaultStopTimeoutSeconds: c.int('XENON_STOP_TIMEOUT_SECONDS', 600, { min: 0 }),
+    idleCheckIntervalMs: c.int('XENON_IDLE_CHECK_MS', 1000, { min: 10 }),
+    maxWakeCacheMs: c.int('XENON_WAKE_CACHE_MS', 30_000, { min: 0 }),
+    freezer,
+    computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),
+    logLevel: c.logLevel(),
+  });
+}
+
+export const computeLogDir = (stateDir: string): string => join(stateDir, 'logs');

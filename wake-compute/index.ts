@@ -1,0 +1,349 @@
+/**
+ * The control plane (`wake-compute`): projects, branches, endpoints, roles and databases in a
+ * metadata Postgres; compute lifecycle and the idle policy; the `/v1` API of `api.ts`.
+ */
+import { randomBytes } from 'node:crypto';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { XenonError } from '../lib/errors.ts';
+import { HttpReply, Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
+import type { Logger } from '../lib/logger.ts';
+import { formatScramSecret, makeScramSecret } from '../lib/scram.ts';
+import { ProcessDriver, type ComputeDriver } from '../vm/index.ts';
+import {
+  ENDPOINT_ID_RE,
+  ENDPOINT_STATES,
+  NAME_RE,
+  type ConnectionReport,
+  type CreateDatabaseRequest,
+  type CreateEndpointRequest,
+  type CreateProjectRequest,
+  type CreateProjectResponse,
+  type CreateRoleRequest,
+  type EndpointAccess,
+  type UpdateEndpointRequest,
+} from './api.ts';
+import { computeLogDir, type ControlPlaneConfig } from './config.ts';
+import { newBranchId, newEndpointId, newProjectId } from './ids.ts';
+import { ADMIN_ROLE, ComputeManager } from './lifecycle.ts';
+import { branchOut, endpointOut, MetadataStore, type EndpointRow } from './store.ts';
+
+export interface ControlPlaneDeps {
+  logger: Logger;
+  /** Defaults to the process driver built from the config. */
+  driver?: ComputeDriver;
+  registry?: Registry;
+}
+
+export interface ControlPlaneHandle {
+  url: string;
+  address: HttpServerHandle['address'];
+  store: MetadataStore;
+  manager: ComputeManager;
+  driver: ComputeDriver;
+  close(): Promise<void>;
+}
+
+/** A password users can type: 24 characters of base64url. */
+export const generatePassword = (): string => randomBytes(18).toString('base64url');
+
+// ---- request validation: every field checked, clear 400s
+function obj(body: unknown): Record<string, unknown> {
+  if (body === undefined) return {};
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw badRequest('request body must be a JSON object');
+  return body as Record<string, unknown>;
+}
+function badRequest(msg: string): XenonError {
+  return new XenonError('CP_BAD_REQUEST', msg, { userMessage: msg });
+}
+function optName(b: Record<string, unknown>, key: string): string | undefined {
+  const v = b[key];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'string' || !NAME_RE.test(v)) throw badRequest(`${key} must be a name of letters, digits, _ or - (at most 63 characters, not starting with a digit)`);
+  if (v.startsWith('pg_') || v === ADMIN_ROLE) throw badRequest(`${key} ${JSON.stringify(v)} is reserved`);
+  return v;
+}
+function reqName(b: Record<string, unknown>, key: string): string {
+  const v = optName(b, key);
+  if (v === undefined) throw badRequest(`${key} is required`);
+  return v;
+}
+function optSeconds(b: Record<string, unknown>, key: string): number | undefined {
+  const v = b[key];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 7 * 24 * 3600) throw badRequest(`${key} must be an integer number of seconds from 0 to 604800`);
+  return v;
+}
+function optPassword(b: Record<string, unknown>, key: string): string | undefined {
+  const v = b[key];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'string' || v.length < 8 || v.length > 256 || v.includes('\0')) throw badRequest(`${key} must be a string of 8 to 256 characters`);
+  return v;
+}
+
+export async function startControlPlane(config: ControlPlaneConfig, deps: ControlPlaneDeps): Promise<ControlPlaneHandle> {
+  const logger = deps.logger;
+  const registry = deps.registry ?? new Registry();
+  if (!deps.registry) collectDefaultMetrics({ register: registry });
+  const store = await MetadataStore.connect(config.databaseUrl);
+  const driver =
+    deps.driver ??
+    (await ProcessDriver.create({
+      pgBin: config.pgBin,
+      dataRoot: config.dataRoot,
+      logDir: computeLogDir(config.stateDir),
+      runAs: config.runAs,
+      portRange: config.computePortRange,
+      settings: config.computeSettings,
+      freezer: config.freezer,
+      logger: logger.child({ component: 'vm' }),
+    }));
+
+  const transitions = new Counter({ name: 'xenon_compute_transitions_total', help: 'Compute lifecycle transitions', labelNames: ['from', 'to'], registers: [registry] });
+  const transitionSeconds = new Histogram({
+    name: 'xenon_compute_transition_seconds', help: 'Time to become active (start or resume)', labelNames: ['kind'],
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [registry],
+  });
+  const manager = new ComputeManager({
+    store,
+    driver,
+    logger: logger.child({ component: 'lifecycle' }),
+    idleCheckIntervalMs: config.idleCheckIntervalMs,
+    maxWakeCacheMs: config.maxWakeCacheMs,
+    onTransition: (_id, from, to, ms) => {
+      transitions.inc({ from, to });
+      if (to === 'active') transitionSeconds.observe({ kind: from === 'suspended' ? 'resume' : 'start' }, ms / 1000);
+    },
+  });
+  await manager.init();
+  new Gauge({
+    name: 'xenon_endpoints', help: 'Endpoints by state', labelNames: ['state'], registers: [registry],
+    async collect() {
+      const rows = await store.listEndpoints().catch(() => []);
+      const counts = new Map<string, number>(ENDPOINT_STATES.map((s) => [s, 0]));
+      for (const r of rows) counts.set(manager.state(r.id), (counts.get(manager.state(r.id)) ?? 0) + 1);
+      for (const [state, n] of counts) this.set({ state }, n);
+    },
+  });
+
+  const host = (id: string): string => `${id}.${config.domain}`;
+  const epOut = (r: EndpointRow) =>
+    endpointOut(r, { host: host(r.id), state: manager.state(r.id), connections: manager.connections(r.id), lastActive: manager.lastActive(r.id) });
+  const connectionUri = (endpointId: string, role: string, password: string, db: string): string =>
+    `postgresql://${encodeURIComponent(role)}:${encodeURIComponent(password)}@${host(endpointId)}:${config.proxyPort}/${encodeURIComponent(db)}?sslmode=verify-full`;
+
+  async function createRole(branchId: string, name: string, password: string, mustBeNew: boolean) {
+    const secret = formatScramSecret(makeScramSecret(password));
+    const role = await store.upsertRole(branchId, name, secret, mustBeNew);
+    await manager.branchSpecChanged(branchId);
+    return role;
+  }
+
+  const r = new Router({ maxBody: 1 << 20 });
+
+  // ---- projects
+  r.get('/v1/projects', async () => ({ projects: await store.listProjects() }));
+  r.post('/v1/projects', async ({ body }): Promise<HttpReply> => {
+    const b = obj(body) as Record<string, unknown> & CreateProjectRequest;
+    const name = b.name === undefined ? undefined : String(b.name).slice(0, 100);
+    const roleName = optName(b, 'role_name') ?? 'neondb_owner';
+    const dbName = optName(b, 'database_name') ?? 'neondb';
+    const password = optPassword(b, 'role_password') ?? generatePassword();
+    const suspend = optSeconds(b, 'suspend_timeout_seconds') ?? config.defaultSuspendTimeoutSeconds;
+    const stop = optSeconds(b, 'stop_timeout_seconds') ?? config.defaultStopTimeoutSeconds;
+    const projectId = newProjectId();
+    const branchId = newBranchId();
+    const endpointId = newEndpointId();
+    const adminPassword = generatePassword();
+    const secret = formatScramSecret(makeScramSecret(password));
+    await store.tx(async (c) => {
+      await c.query('INSERT INTO projects (id, name) VALUES ($1, $2)', [projectId, name ?? projectId]);
+      await c.query('INSERT INTO branches (id, project_id, name, admin_password) VALUES ($1, $2, $3, $4)', [branchId, projectId, 'main', adminPassword]);
+      await c.query('UPDATE projects SET default_branch_id = $2 WHERE id = $1', [projectId, branchId]);
+      await c.query(
+        'INSERT INTO endpoints (id, project_id, branch_id, suspend_timeout_seconds, stop_timeout_seconds) VALUES ($1, $2, $3, $4, $5)',
+        [endpointId, projectId, branchId, suspend, stop],
+      );
+      await c.query('INSERT INTO roles (branch_id, name, scram_secret) VALUES ($1, $2, $3)', [branchId, roleName, secret]);
+      await c.query('INSERT INTO databases (branch_id, name, owner_name) VALUES ($1, $2, $3)', [branchId, dbName, roleName]);
+    });
+    try {
+      // initdb now, never on the wake path; then start once so roles and databases exist and
+      // the first connection is warm. The idle policy suspends it later.
+      await driver.prepare(branchId, { user: ADMIN_ROLE, password: adminPassword });
+      await manager.wake(endpointId);
+    } catch (err) {
+      await store.deleteProject(projectId).catch(() => {});
+      await driver.destroyData(branchId).catch(() => {});
+      throw err;
+    }
+    const out: CreateProjectResponse = {
+      project: await store.getProject(projectId),
+      branch: branchOut(await store.branchById(branchId)),
+      endpoint: epOut(await store.getEndpoint(endpointId)),
+      role: (await store.listRoles(branchId)).map(({ scram_secret: _s, ...role }) => role)[0]!,
+      database: (await store.listDatabases(branchId))[0]!,
+      password,
+      connection_uri: connectionUri(endpointId, roleName, password, dbName),
+    };
+    logger.info('project created', { project: projectId, endpoint: endpointId });
+    return new HttpReply(201, out);
+  });
+  r.get('/v1/projects/:project', async ({ params }) => ({ project: await store.getProject(params.project!) }));
+  r.delete('/v1/projects/:project', async ({ params }) => {
+    const project = await store.getProject(params.project!);
+    const endpoints = await store.listEndpoints(project.id);
+    for (const e of endpoints) await manager.stop(e.id);
+    const branches = await store.listBranches(project.id);
+    await store.deleteProject(project.id);
+    for (const e of endpoints) manager.forget(e.id);
+    for (const b of branches) await driver.destroyData(b.id).catch((err: Error) => logger.warn('could not delete branch data', { branch: b.id, err }));
+    return { project };
+  });
+
+  // ---- branches
+  r.get('/v1/projects/:project/branches', async ({ params }) => ({ branches: await store.listBranches(params.project!) }));
+  r.get('/v1/projects/:project/branches/:branch', async ({ params }) => ({ branch: branchOut(await store.getBranchRow(params.project!, params.branch!)) }));
+
+  // ---- endpoints
+  r.get('/v1/projects/:project/endpoints', async ({ params }) => {
+    await store.getProject(params.project!);
+    return { endpoints: (await store.listEndpoints(params.project!)).map(epOut) };
+  });
+  r.post('/v1/projects/:project/endpoints', async ({ params, body }) => {
+    const b = obj(body) as Record<string, unknown> & CreateEndpointRequest;
+    if (typeof b.branch_id !== 'string') throw badRequest('branch_id is required');
+    const branch = await store.getBranchRow(params.project!, b.branch_id);
+    const id = newEndpointId();
+    await store.pool.query(
+      'INSERT INTO endpoints (id, project_id, branch_id, suspend_timeout_seconds, stop_timeout_seconds) VALUES ($1, $2, $3, $4, $5)',
+      [id, params.project, branch.id, optSeconds(b, 'suspend_timeout_seconds') ?? config.defaultSuspendTimeoutSeconds, optSeconds(b, 'stop_timeout_seconds') ?? config.defaultStopTimeoutSeconds],
+    ).catch((err: { code?: string }) => {
+      if (err.code === '23505') throw new XenonError('CP_CONFLICT', 'branch already has an endpoint', { userMessage: `branch ${branch.id} already has a read-write endpoint` });
+      throw err;
+    });
+    return new HttpReply(201, { endpoint: epOut(await store.getEndpoint(id)) });
+  });
+  r.get('/v1/endpoints/:endpoint', async ({ params }) => ({ endpoint: epOut(await store.getEndpoint(params.endpoint!)) }));
+  r.patch('/v1/endpoints/:endpoint', async ({ params, body }) => {
+    const b = obj(body) as Record<string, unknown> & UpdateEndpointRequest;
+    if (b.disabled !== undefined && typeof b.disabled !== 'boolean') throw badRequest('disabled must be a boolean');
+    const row = await store.updateEndpoint(params.endpoint!, {
+      suspend_timeout_seconds: optSeconds(b, 'suspend_timeout_seconds'),
+      stop_timeout_seconds: optSeconds(b, 'stop_timeout_seconds'),
+      disabled: b.disabled,
+    });
+    manager.refresh(row);
+    if (row.disabled) await manager.stop(row.id);
+    return { endpoint: epOut(row) };
+  });
+  r.delete('/v1/endpoints/:endpoint', async ({ params }) => {
+    await manager.stop(params.endpoint!);
+    const row = await store.deleteEndpoint(params.endpoint!);
+    manager.forget(row.id);
+    return { endpoint: epOut(row) };
+  });
+  r.post('/v1/endpoints/:endpoint/start', async ({ params }) => {
+    await manager.wake(params.endpoint!);
+    return { endpoint: epOut(await store.getEndpoint(params.endpoint!)) };
+  });
+  r.post('/v1/endpoints/:endpoint/suspend', async ({ params }) => {
+    await manager.suspend(params.endpoint!);
+    return { endpoint: epOut(await store.getEndpoint(params.endpoint!)) };
+  });
+  r.post('/v1/endpoints/:endpoint/stop', async ({ params }) => {
+    await manager.stop(params.endpoint!);
+    return { endpoint: epOut(await store.getEndpoint(params.endpoint!)) };
+  });
+  r.get('/v1/endpoints/:endpoint/events', async ({ params }) => ({ events: await store.listEvents(params.endpoint!) }));
+
+  // ---- roles
+  const branchOf = (p: Record<string, string>) => store.getBranchRow(p.project!, p.branch!);
+  r.get('/v1/projects/:project/branches/:branch/roles', async ({ params }) => ({
+    roles: (await store.listRoles((await branchOf(params)).id)).map(({ scram_secret: _s, ...role }) => role),
+  }));
+  r.post('/v1/projects/:project/branches/:branch/roles', async ({ params, body }) => {
+    const b = obj(body) as Record<string, unknown> & CreateRoleRequest;
+    const name = reqName(b, 'name');
+    const password = optPassword(b, 'password') ?? generatePassword();
+    const role = await createRole((await branchOf(params)).id, name, password, true);
+    return new HttpReply(201, { role, password });
+  });
+  r.post('/v1/projects/:project/branches/:branch/roles/:role/reset_password', async ({ params, body }) => {
+    const password = optPassword(obj(body), 'password') ?? generatePassword();
+    const role = await createRole((await branchOf(params)).id, params.role!, password, false);
+    return { role, password };
+  });
+  r.delete('/v1/projects/:project/branches/:branch/roles/:role', async ({ params }) => {
+    const branch = await branchOf(params);
+    const owned = (await store.listDatabases(branch.id)).filter((d) => d.owner_name === params.role);
+    if (owned.length) throw badRequest(`role ${params.role} owns databases ${owned.map((d) => d.name).join(', ')}: delete them first`);
+    const role = await store.deleteRole(branch.id, params.role!);
+    await manager.branchSpecChanged(branch.id);
+    return { role };
+  });
+
+  // ---- databases
+  r.get('/v1/projects/:project/branches/:branch/databases', async ({ params }) => ({ databases: await store.listDatabases((await branchOf(params)).id) }));
+  r.post('/v1/projects/:project/branches/:branch/databases', async ({ params, body }) => {
+    const b = obj(body) as Record<string, unknown> & CreateDatabaseRequest;
+    const branch = await branchOf(params);
+    const database = await store.createDatabase(branch.id, reqName(b, 'name'), reqName(b, 'owner_name'));
+    await manager.branchSpecChanged(branch.id);
+    return new HttpReply(201, { database });
+  });
+  r.delete('/v1/projects/:project/branches/:branch/databases/:database', async ({ params }) => {
+    const branch = await branchOf(params);
+    const database = await store.deleteDatabase(branch.id, params.database!);
+    await manager.branchSpecChanged(branch.id);
+    return { database };
+  });
+
+  // ---- proxy API
+  r.get('/v1/proxy/endpoints/:endpoint/access', async ({ params, query }): Promise<EndpointAccess> => {
+    const id = params.endpoint!;
+    const role = query.get('role') ?? '';
+    const row = ENDPOINT_ID_RE.test(id) ? await store.findEndpoint(id) : undefined;
+    if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`);
+    const project = await store.getProject(row.project_id);
+    return {
+      endpoint_id: row.id,
+      project_id: row.project_id,
+      branch_id: row.branch_id,
+      role_secret: role ? await store.roleSecret(row.branch_id, role) : null,
+      allowed_ips: project.allowed_ips,
+    };
+  });
+  r.post('/v1/proxy/endpoints/:endpoint/wake', async ({ params }) => manager.wake(params.endpoint!));
+  r.post('/v1/proxy/connections', ({ body }) => {
+    const b = obj(body) as Partial<ConnectionReport>;
+    if (typeof b.proxy_id !== 'string' || !b.proxy_id || typeof b.counts !== 'object' || b.counts === null || typeof b.ttl_seconds !== 'number' || !(b.ttl_seconds > 0)) {
+      throw badRequest('expected { proxy_id: string, counts: { [endpoint]: number }, ttl_seconds: number > 0 }');
+    }
+    const counts: Record<string, number> = {};
+    for (const [k, v] of Object.entries(b.counts)) {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) throw badRequest(`counts.${k} must be a non-negative integer`);
+      counts[k] = v;
+    }
+    manager.reportConnections({ proxy_id: b.proxy_id, counts, ttl_seconds: Math.min(b.ttl_seconds, 300) });
+    return { ok: true };
+  });
+
+  const http = await startHttpServer({ host: config.host, port: config.port, router: r, logger, registry });
+  logger.info('control plane listening', { url: http.url });
+  return {
+    url: http.url,
+    address: http.address,
+    store,
+    manager,
+    driver,
+    async close() {
+      await http.close();
+      await manager.close();
+      await driver.close();
+      await store.close();
+    },
+  };
+}
+
+export { loadControlPlaneConfig, type ControlPlaneConfig } from './config.ts';
+export { ControlPlaneClient } from './client.ts';

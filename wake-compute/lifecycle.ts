@@ -1,0 +1,356 @@
+/**
+ * Compute lifecycle: `stopped → starting → active → suspended → stopped` (and `stopping`), one
+ * state machine per endpoint. Every transition of one endpoint runs under that endpoint's lock,
+ * and concurrent wakes share one in-flight promise (single-flight), so any number of
+ * simultaneous connections cause one start.
+ *
+ * Idle policy (scale to zero): proxies report live connection counts; an endpoint with zero
+ * connections for `suspend_timeout_seconds` is suspended, and after `stop_timeout_seconds`
+ * suspended it is stopped. A wake resumes or cold-starts it.
+ */
+import { createHash } from 'node:crypto';
+import pg from 'pg';
+import type { ComputeAddress, ComputeDriver } from '../vm/index.ts';
+import { XenonError } from '../lib/errors.ts';
+import type { Logger } from '../lib/logger.ts';
+import { quoteIdent, quoteLiteral } from '../lib/postgres.ts';
+import type { ComputeInfo, ConnectionReport, EndpointState } from './api.ts';
+import type { EndpointRow, MetadataStore } from './store.ts';
+
+export const ADMIN_ROLE = 'cloud_admin';
+const MANAGED = 'managed by xenon';
+
+interface Runtime {
+  id: string;
+  state: EndpointState;
+  address?: ComputeAddress;
+  lastActive: number;
+  suspendedAt: number;
+  suspendTimeoutMs: number;
+  stopTimeoutMs: number;
+  /** Tail of the per-endpoint lock chain. */
+  lock: Promise<unknown>;
+  wakeInFlight?: Promise<ComputeInfo>;
+}
+
+export interface LifecycleCounters {
+  starts: number;
+  resumes: number;
+  suspends: number;
+  stops: number;
+  startFailures: number;
+}
+
+export interface ComputeManagerOptions {
+  store: MetadataStore;
+  driver: ComputeDriver;
+  logger: Logger;
+  idleCheckIntervalMs: number;
+  /** Upper bound of how long a proxy may reuse a wake answer. */
+  maxWakeCacheMs: number;
+  now?: () => number;
+  onTransition?: (endpointId: string, from: EndpointState, to: EndpointState, ms: number) => void;
+}
+
+export class ComputeManager {
+  private readonly runtimes = new Map<string, Runtime>();
+  private readonly reports = new Map<string, { counts: Record<string, number>; expires: number }>();
+  private timer?: NodeJS.Timeout;
+  private closing = false;
+  readonly counters: LifecycleCounters = { starts: 0, resumes: 0, suspends: 0, stops: 0, startFailures: 0 };
+  private readonly now: () => number;
+
+  constructor(private readonly o: ComputeManagerOptions) {
+    this.now = o.now ?? Date.now;
+    o.driver.onUnexpectedExit((e) => void this.onComputeExit(e.computeId, e.code));
+  }
+
+  /** Marks every endpoint stopped (no compute survives a control-plane restart) and starts the idle policy. */
+  async init(): Promise<void> {
+    await this.o.store.pool.query(`UPDATE endpoints SET state = 'stopped' WHERE state <> 'stopped'`);
+    this.timer = setInterval(() => this.tick(), this.o.idleCheckIntervalMs);
+    this.timer.unref();
+  }
+
+  private runtime(row: EndpointRow): Runtime {
+    let rt = this.runtimes.get(row.id);
+    if (!rt) {
+      rt = { id: row.id, state: 'stopped', lastActive: this.now(), suspendedAt: 0, suspendTimeoutMs: 0, stopTimeoutMs: 0, lock: Promise.resolve() };
+      this.runtimes.set(row.id, rt);
+    }
+    rt.suspendTimeoutMs = row.suspend_timeout_seconds * 1000;
+    rt.stopTimeoutMs = row.stop_timeout_seconds * 1000;
+    return rt;
+  }
+
+  /** Refreshes cached settings after an update. */
+  refresh(row: EndpointRow): void {
+    if (this.runtimes.has(row.id)) this.runtime(row);
+  }
+
+  state(endpointId: string): EndpointState {
+    return this.runtimes.get(endpointId)?.state ?? 'stopped';
+  }
+
+  lastActive(endpointId: string): Date | null {
+    const rt = this.runtimes.get(endpointId);
+    return rt ? new Date(rt.lastActive) : null;
+  }
+
+  /** Live connections to `endpointId` summed over every proxy's unexpired report. */
+  connections(endpointId: string): number {
+    const now = this.now();
+    let n = 0;
+    for (const [proxy, r] of this.reports) {
+      if (r.expires < now) { this.reports.delete(proxy); continue; }
+      n += r.counts[endpointId] ?? 0;
+    }
+    return n;
+  }
+
+  reportConnections(report: ConnectionReport): void {
+    const now = this.now();
+    const prev = this.reports.get(report.proxy_id)?.counts ?? {};
+    this.reports.set(report.proxy_id, { counts: report.counts, expires: now + report.ttl_seconds * 1000 });
+    // An endpoint that had connections until now, or has some now, was active now.
+    for (const id of new Set([...Object.keys(prev), ...Object.keys(report.counts)])) {
+      if ((prev[id] ?? 0) > 0 || (report.counts[id] ?? 0) > 0) {
+        const rt = this.runtimes.get(id);
+        if (rt) rt.lastActive = Math.max(rt.lastActive, now);
+      }
+    }
+  }
+
+  private withLock<T>(rt: Runtime, fn: () => Promise<T>): Promise<T> {
+    const run = rt.lock.then(fn, fn);
+    rt.lock = run.catch(() => {});
+    return run;
+  }
+
+  private async setState(rt: Runtime, to: EndpointState, t0?: number): Promise<void> {
+    const from = rt.state;
+    rt.state = to;
+    await this.o.store.setEndpointState(rt.id, to, new Date(rt.lastActive)).catch((err: Error) =>
+      this.o.logger.warn('could not persist endpoint state', { endpoint: rt.id, state: to, err }),
+    );
+    if (from !== to) this.o.onTransition?.(rt.id, from, to, t0 === undefined ? 0 : this.now() - t0);
+  }
+
+  private info(rt: Runtime, cold: boolean): ComputeInfo {
+    const addr = rt.address!;
+    // A proxy may reuse this answer only for half the idle timeout: a compute is suspended only
+    // after a full timeout without connections, so a cached address never points at a frozen one.
+    const ttl = rt.suspendTimeoutMs > 0 ? Math.min(this.o.maxWakeCacheMs, rt.suspendTimeoutMs / 2) : this.o.maxWakeCacheMs;
+    return { endpoint_id: rt.id, host: addr.host, port: addr.port, cold, cache_ttl_ms: Math.floor(ttl) };
+  }
+
+  /** Resumes or starts the endpoint's compute; concurrent calls share one transition. */
+  async wake(endpointId: string): Promise<ComputeInfo> {
+    if (this.closing) throw new XenonError('CP_SHUTTING_DOWN');
+    const row = await this.o.store.getEndpoint(endpointId);
+    if (row.disabled) throw new XenonError('CP_ENDPOINT_DISABLED', `endpoint ${endpointId} is disabled`);
+    const rt = this.runtime(row);
+    rt.lastActive = this.now();
+    if (rt.state === 'active' && rt.address && this.o.driver.status(endpointId) === 'running') return this.info(rt, false);
+    if (!rt.wakeInFlight) {
+      rt.wakeInFlight = this.withLock(rt, async () => {
+        if (rt.state === 'active' && this.o.driver.status(endpointId) === 'running') return this.info(rt, false);
+        if (rt.state === 'suspended' && this.o.driver.status(endpointId) === 'suspended') {
+          await this.doResume(rt);
+        } else {
+          await this.doStart(rt, row);
+        }
+        return this.info(rt, true);
+      }).finally(() => { rt.wakeInFlight = undefined; });
+    }
+    return rt.wakeInFlight;
+  }
+
+  private async doStart(rt: Runtime, row: EndpointRow): Promise<void> {
+    const t0 = this.now();
+    if (this.o.driver.status(rt.id) !== 'stopped') await this.o.driver.stop(rt.id);
+    await this.setState(rt, 'starting');
+    await this.o.store.recordEvent(rt.id, 'start');
+    this.counters.starts++;
+    try {
+      const branch = await this.o.store.branchById(row.branch_id);
+      if (!(await this.o.driver.hasData(branch.id))) {
+        this.o.logger.warn('no data for branch; initialising on the wake path', { endpoint: rt.id, branch: branch.id });
+        await this.o.driver.prepare(branch.id, { user: ADMIN_ROLE, password: branch.admin_password });
+      }
+      rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });
+      await this.applySpecIfChanged(rt.id, branch.id, branch.admin_password, branch.spec_applied);
+    } catch (err) {
+      this.counters.startFailures++;
+      this.o.logger.error('compute start failed', { endpoint: rt.id, err });
+      await this.o.store.recordEvent(rt.id, 'start_failed', (err as Error).message.slice(0, 2000)).catch(() => {});
+      await this.o.driver.stop(rt.id).catch(() => {});
+      rt.address = undefined;
+      await this.setState(rt, 'stopped');
+      throw err instanceof XenonError && err.kind === 'compute' ? err : new XenonError('CP_COMPUTE_START_FAILED', (err as Error).message, { cause: err });
+    }
+    rt.lastActive = this.now();
+    await this.setState(rt, 'active', t0);
+    await this.o.store.recordEvent(rt.id, 'started', `${this.now() - t0} ms`);
+    this.o.logger.info('compute started', { endpoint: rt.id, port: rt.address.port, ms: this.now() - t0 });
+  }
+
+  private async doResume(rt: Runtime): Promise<void> {
+    const t0 = this.now();
+    await this.o.driver.resume(rt.id);
+    this.counters.resumes++;
+    rt.lastActive = this.now();
+    await this.setState(rt, 'active', t0);
+    await this.o.store.recordEvent(rt.id, 'resume');
+    this.o.logger.info('compute resumed', { endpoint: rt.id, ms: this.now() - t0 });
+  }
+
+  private async doSuspend(rt: Runtime): Promise<void> {
+    if (rt.state !== 'active' || this.o.driver.status(rt.id) !== 'running') return;
+    await this.o.driver.suspend(rt.id);
+    this.counters.suspends++;
+    rt.suspendedAt = this.now();
+    await this.setState(rt, 'suspended');
+    await this.o.store.recordEvent(rt.id, 'suspend');
+    this.o.logger.info('compute suspended', { endpoint: rt.id });
+  }
+
+  private async doStop(rt: Runtime): Promise<void> {
+    if (rt.state === 'stopped' && this.o.driver.status(rt.id) === 'stopped') return;
+    await this.setState(rt, 'stopping');
+    await this.o.driver.stop(rt.id);
+    this.counters.stops++;
+    rt.address = undefined;
+    await this.setState(rt, 'stopped');
+    await this.o.store.recordEvent(rt.id, 'stop');
+    this.o.logger.info('compute stopped', { endpoint: rt.id });
+  }
+
+  /** Manual transitions (API / CLI). */
+  async suspend(endpointId: string): Promise<void> {
+    const rt = this.runtime(await this.o.store.getEndpoint(endpointId));
+    await this.withLock(rt, () => this.doSuspend(rt));
+  }
+
+  async stop(endpointId: string): Promise<void> {
+    const rt = this.runtime(await this.o.store.getEndpoint(endpointId));
+    await this.withLock(rt, () => this.doStop(rt));
+  }
+
+  /** What the idle policy wants for `rt` now. */
+  private due(rt: Runtime): 'suspend' | 'stop' | null {
+    if (rt.state !== 'active' && rt.state !== 'suspended') return null;
+    const now = this.now();
+    if (this.connections(rt.id) > 0) {
+      rt.lastActive = now;
+      return null;
+    }
+    const idle = now - rt.lastActive;
+    if (rt.state === 'active') {
+      if (rt.suspendTimeoutMs > 0) return idle >= rt.suspendTimeoutMs ? 'suspend' : null;
+      return rt.stopTimeoutMs > 0 && idle >= rt.stopTimeoutMs ? 'stop' : null;
+    }
+    return rt.stopTimeoutMs > 0 && now - rt.suspendedAt >= rt.stopTimeoutMs ? 'stop' : null;
+  }
+
+  /** Idle policy, one pass. */
+  tick(): void {
+    for (const rt of this.runtimes.values()) {
+      if (!this.due(rt)) continue;
+      void this.withLock(rt, async () => {
+        // Decide again under the lock: a wake or a connection may have come in meanwhile.
+        const d = this.due(rt);
+        if (d === 'suspend') await this.doSuspend(rt);
+        else if (d === 'stop') await this.doStop(rt);
+      }).catch((err: Error) => this.o.logger.error('idle transition failed', { endpoint: rt.id, err }));
+    }
+  }
+
+  private async onComputeExit(endpointId: string, code: number | null): Promise<void> {
+    const rt = this.runtimes.get(endpointId);
+    if (!rt || this.closing) return;
+    await this.withLock(rt, async () => {
+      if (this.o.driver.status(endpointId) !== 'stopped') return;
+      rt.address = undefined;
+      await this.o.store.recordEvent(endpointId, 'exit', `exit code ${code}`).catch(() => {});
+      await this.setState(rt, 'stopped');
+    });
+  }
+
+  /** Roles and databases of a branch as the compute must have them; its hash decides whether to apply. */
+  private async branchSpec(branchId: string): Promise<{ hash: string; roles: { name: string; scram_secret: string }[]; dbs: { name: string; owner_name: string }[] }> {
+    const roles = (await this.o.store.listRoles(branchId)).map((r) => ({ name: r.name, scram_secret: r.scram_secret }));
+    const dbs = (await this.o.store.listDatabases(branchId)).map((d) => ({ name: d.name, owner_name: d.owner_name }));
+    const hash = createHash('sha256').update(JSON.stringify({ roles, dbs })).digest('hex');
+    return { hash, roles, dbs };
+  }
+
+  private async applySpecIfChanged(endpointId: string, branchId: string, adminPassword: string, applied: string | null): Promise<void> {
+    const spec = await this.branchSpec(branchId);
+    if (spec.hash === applied) return;
+    const addr = this.runtimes.get(endpointId)?.address;
+    if (!addr) return;
+    const t0 = this.now();
+    const c = new pg.Client({ host: addr.host, port: addr.port, user: ADMIN_ROLE, password: adminPassword, database: 'postgres' });
+    await c.connect();
+    try {
+      const have = new Map((await c.query<{ rolname: string; managed: boolean }>(
+        `SELECT rolname, coalesce(shobj_description(oid, 'pg_authid') = $1, false) AS managed FROM pg_roles`, [MANAGED],
+      )).rows.map((r) => [r.rolname, r.managed]));
+      for (const r of spec.roles) {
+        const verb = have.has(r.name) ? 'ALTER' : 'CREATE';
+        await c.query(`${verb} ROLE ${quoteIdent(r.name)} WITH LOGIN CREATEDB CREATEROLE PASSWORD ${quoteLiteral(r.scram_secret)}`);
+        await c.query(`COMMENT ON ROLE ${quoteIdent(r.name)} IS ${quoteLiteral(MANAGED)}`);
+      }
+      const dbs = new Map((await c.query<{ datname: string; managed: boolean }>(
+        `SELECT datname, coalesce(shobj_description(oid, 'pg_database') = $1, false) AS managed FROM pg_database`, [MANAGED],
+      )).rows.map((r) => [r.datname, r.managed]));
+      for (const d of spec.dbs) {
+        if (!dbs.has(d.name)) await c.query(`CREATE DATABASE ${quoteIdent(d.name)} OWNER ${quoteIdent(d.owner_name)}`);
+        else await c.query(`ALTER DATABASE ${quoteIdent(d.name)} OWNER TO ${quoteIdent(d.owner_name)}`);
+        await c.query(`COMMENT ON DATABASE ${quoteIdent(d.name)} IS ${quoteLiteral(MANAGED)}`);
+      }
+      // Objects this control plane created earlier and that are gone from the spec.
+      const wantedDbs = new Set(spec.dbs.map((d) => d.name));
+      for (const [name, managed] of dbs) {
+        if (managed && !wantedDbs.has(name)) await c.query(`DROP DATABASE IF EXISTS ${quoteIdent(name)} WITH (FORCE)`);
+      }
+      const wanted = new Set(spec.roles.map((r) => r.name));
+      for (const [name, managed] of have) {
+        if (managed && !wanted.has(name)) await c.query(`DROP ROLE IF EXISTS ${quoteIdent(name)}`).catch((err: Error) =>
+          this.o.logger.warn('could not drop role removed from the spec', { endpoint: endpointId, role: name, err }));
+      }
+    } finally {
+      await c.end().catch(() => {});
+    }
+    await this.o.store.setSpecApplied(branchId, spec.hash);
+    this.o.logger.info('compute spec applied', { endpoint: endpointId, ms: this.now() - t0 });
+  }
+
+  /** After roles/databases change: apply to the running compute of the branch now (else at its next start). */
+  async branchSpecChanged(branchId: string): Promise<void> {
+    for (const rt of this.runtimes.values()) {
+      if (!rt.address) continue;
+      const row = await this.o.store.findEndpoint(rt.id);
+      if (row?.branch_id !== branchId) continue;
+      await this.withLock(rt, async () => {
+        if (this.o.driver.status(rt.id) === 'suspended') await this.doResume(rt);
+        if (rt.state !== 'active') return;
+        const branch = await this.o.store.branchById(branchId);
+        await this.applySpecIfChanged(rt.id, branchId, branch.admin_password, branch.spec_applied);
+      });
+    }
+  }
+
+  forget(endpointId: string): void {
+    this.runtimes.delete(endpointId);
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    if (this.timer) clearInterval(this.timer);
+    await Promise.all([...this.runtimes.values()].map((rt) =>
+      this.withLock(rt, () => this.doStop(rt)).catch((err: Error) => this.o.logger.error('stop on close failed', { endpoint: rt.id, err })),
+    ));
+  }
+}

@@ -1,0 +1,174 @@
+/**
+ * What `xenon up` runs: the local metadata cluster (a Postgres in the data root), then the
+ * control plane and the proxy, each as its own process through its `main.ts` (DESIGN §2).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createWriteStream, existsSync } from 'node:fs';
+import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
+import { dirname, join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { ensureCerts } from '../certs/index.ts';
+import type { Env } from '../lib/config.ts';
+import { dataRootFor, ensureOwnedDir, findFreePort, findPgBin, initdb, pgRunAs, PostgresProcess } from '../lib/postgres.ts';
+
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const TSX = pathToTsx();
+
+function pathToTsx(): string {
+  const req = createRequire(import.meta.url);
+  return 'file://' + req.resolve('tsx');
+}
+
+export async function writeJsonAtomic(path: string, value: unknown, mode = 0o600): Promise<void> {
+  await mkdir(dirname(path), { recursive: true });
+  const tmp = `${path}.tmp-${process.pid}`;
+  await writeFile(tmp, JSON.stringify(value, null, 2) + '\n', { mode });
+  await rename(tmp, path);
+}
+
+export async function readJson<T>(path: string): Promise<T | undefined> {
+  try {
+    return JSON.parse(await readFile(path, 'utf8')) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+interface MetadataInfo {
+  port: number;
+  password: string;
+}
+
+/** Starts (creating on first run) the metadata cluster; returns its URL. */
+export async function startMetadataCluster(stateDir: string, env: Env, log: (m: string) => void): Promise<{ pg: PostgresProcess; url: string }> {
+  const bin = findPgBin(env);
+  const runAs = pgRunAs(env);
+  const dataRoot = dataRootFor(env, stateDir);
+  await ensureOwnedDir(dataRoot, undefined, 0o755);
+  const dataDir = join(dataRoot, 'metadata', 'pgdata');
+  const infoPath = join(stateDir, 'metadata.json');
+  let info = await readJson<MetadataInfo>(infoPath);
+  if (!info || !existsSync(join(dataDir, 'PG_VERSION'))) {
+    log(`creating the metadata cluster in ${dataDir}`);
+    info = { port: 0, password: randomBytes(18).toString('base64url') };
+    await initdb({ bin, dataDir, superuser: 'xenon', password: info.password, runAs });
+    await writeJsonAtomic(infoPath, info);
+  }
+  const wanted = Number(env.XENON_METADATA_PORT) || info.port || 55432;
+  const port = await findFreePort(wanted, wanted).catch(() => findFreePort(55000, 55430));
+  if (port !== info.port) await writeJsonAtomic(infoPath, { ...info, port });
+  await mkdir(join(stateDir, 'logs'), { recursive: true });
+  const proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(stateDir, 'logs', 'metadata-postgres.log'), settings: { max_connections: 50 } });
+  const admin = new pg.Client({ host: '127.0.0.1', port, user: 'xenon', password: info.password, database: 'postgres' });
+  await admin.connect();
+  try {
+    const { rowCount } = await admin.query(`SELECT 1 FROM pg_database WHERE datname = 'xenon_control'`);
+    if (!rowCount) await admin.query('CREATE DATABASE xenon_control');
+  } finally {
+    await admin.end();
+  }
+  return { pg: proc, url: `postgresql://xenon:${encodeURIComponent(info.password)}@127.0.0.1:${port}/xenon_control` };
+}
+
+export interface ServiceProcess {
+  name: string;
+  child: ChildProcess;
+  ready: Record<string, unknown>;
+  exited: Promise<number | null>;
+}
+
+/**
+ * Spawns `node <service>/main.ts` and resolves with the JSON of its `ready` line. Its stderr
+ * (JSON logs) goes to `<logDir>/<name>.log`, and to our stderr when `echo` is set.
+ */
+export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean): Promise<ServiceProcess> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(process.execPath, ['--import', TSX, join(ROOT, mainPath)], {
+      env: { ...env, XENON_EXIT_WITH_PARENT: '1' },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    const log = createWriteStream(join(logDir, `${name}.log`), { flags: 'a' });
+    log.on('error', () => {});
+    let tail = '';
+    child.stderr!.on('data', (d: Buffer) => {
+      log.write(d);
+      tail = (tail + d.toString()).slice(-3000);
+      if (echo) process.stderr.write(d);
+    });
+    const exited = new Promise<number | null>((r) => child.once('exit', (code) => { log.end(); r(code); }));
+    const lines = createInterface({ input: child.stdout! });
+    let ready = false;
+    lines.on('line', (line) => {
+      if (ready) return;
+      try {
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if (msg.ready === name) {
+          ready = true;
+          resolvePromise({ name, child, ready: msg, exited });
+        }
+      } catch { /* not the ready line */ }
+    });
+    void exited.then((code) => {
+      if (!ready) reject(new Error(`${name} exited with ${code} before it was ready:\n${tail}`));
+    });
+  });
+}
+
+export interface StackOptions {
+  stateDir: string;
+  domain: string;
+  env: Env;
+  echoLogs: boolean;
+  log: (m: string) => void;
+}
+
+export interface Stack {
+  apiUrl: string;
+  proxyPort: number;
+  metricsUrl: string;
+  caCert: string;
+  stop(): Promise<void>;
+  /** Resolves when any service exits on its own. */
+  died: Promise<string>;
+}
+
+export async function startStack(o: StackOptions): Promise<Stack> {
+  const { stateDir, env } = o;
+  await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  const logDir = join(stateDir, 'logs');
+  await mkdir(logDir, { recursive: true });
+  const certs = await ensureCerts({ stateDir, domain: o.domain });
+  if (certs.created.ca) o.log(`created a local CA: ${certs.caCert}`);
+  const meta = await startMetadataCluster(stateDir, env, o.log);
+  const services: ServiceProcess[] = [];
+  let stopping = false;
+  const stop = async (): Promise<void> => {
+    stopping = true;
+    // Proxy first (no new sessions), then the control plane (it stops every compute), then metadata.
+    for (const s of [...services].reverse()) {
+      s.child.kill('SIGTERM');
+      await s.exited;
+    }
+    await meta.pg.stop('fast');
+  };
+  try {
+    const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain };
+    const cp = await spawnService('wake-compute', 'wake-compute/main.ts', { ...baseEnv, DATABASE_URL: env.DATABASE_URL ?? meta.url }, logDir, o.echoLogs);
+    services.push(cp);
+    const apiUrl = String(cp.ready.url);
+    const proxy = await spawnService('proxy', 'proxy/main.ts', { ...baseEnv, XENON_CONTROL_PLANE_URL: apiUrl }, logDir, o.echoLogs);
+    services.push(proxy);
+    const died = Promise.race(services.map((s) => s.exited.then(() => s.name))).then(async (name) => {
+      if (!stopping) await stop().catch(() => {});
+      return name;
+    });
+    return { apiUrl, proxyPort: Number(proxy.ready.port), metricsUrl: String(proxy.ready.metrics), caCert: certs.caCert, stop, died };
+  } catch (err) {
+    await stop().catch(() => {});
+    throw err;
+  }
+}

@@ -1,0 +1,313 @@
+/**
+ * Control-plane metadata in Postgres (`pg`): projects, branches, endpoints, roles (SCRAM secrets
+ * only), databases and lifecycle events. Migrations run in order at start, under an advisory lock
+ * so several control-plane instances can start at once.
+ */
+import pg from 'pg';
+import type { Branch, Database, Endpoint, EndpointState, LifecycleEvent, Project, Role } from './api.ts';
+import { XenonError } from '../lib/errors.ts';
+
+const MIGRATIONS: readonly string[] = [
+  `CREATE TABLE projects (
+     id text PRIMARY KEY,
+     name text NOT NULL,
+     default_branch_id text,
+     allowed_ips text[] NOT NULL DEFAULT '{}',
+     created_at timestamptz NOT NULL DEFAULT now()
+   );
+   CREATE TABLE branches (
+     id text PRIMARY KEY,
+     project_id text NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+     name text NOT NULL,
+     parent_id text REFERENCES branches(id),
+     admin_password text NOT NULL,
+     spec_applied text,
+     created_at timestamptz NOT NULL DEFAULT now(),
+     UNIQUE (project_id, name)
+   );
+   CREATE TABLE endpoints (
+     id text PRIMARY KEY,
+     project_id text NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+     branch_id text NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+     suspend_timeout_seconds integer NOT NULL CHECK (suspend_timeout_seconds >= 0),
+     stop_timeout_seconds integer NOT NULL CHECK (stop_timeout_seconds >= 0),
+     disabled boolean NOT NULL DEFAULT false,
+     state text NOT NULL DEFAULT 'stopped',
+     last_active_at timestamptz,
+     created_at timestamptz NOT NULL DEFAULT now(),
+     UNIQUE (branch_id)
+   );
+   CREATE TABLE roles (
+     branch_id text NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+     name text NOT NULL,
+     scram_secret text NOT NULL,
+     created_at timestamptz NOT NULL DEFAULT now(),
+     PRIMARY KEY (branch_id, name)
+   );
+   CREATE TABLE databases (
+     branch_id text NOT NULL REFERENCES branches(id) ON DELETE CASCADE,
+     name text NOT NULL,
+     owner_name text NOT NULL,
+     created_at timestamptz NOT NULL DEFAULT now(),
+     PRIMARY KEY (branch_id, name),
+     FOREIGN KEY (branch_id, owner_name) REFERENCES roles(branch_id, name)
+   );
+   CREATE TABLE lifecycle_events (
+     id bigserial PRIMARY KEY,
+     endpoint_id text NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
+     event text NOT NULL,
+     detail text,
+     at timestamptz NOT NULL DEFAULT now()
+   );
+   CREATE INDEX lifecycle_events_endpoint ON lifecycle_events (endpoint_id, id);`,
+];
+
+const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
+
+export interface EndpointRow {
+  id: string;
+  project_id: string;
+  branch_id: string;
+  suspend_timeout_seconds: number;
+  stop_timeout_seconds: number;
+  disabled: boolean;
+  state: EndpointState;
+  last_active_at: Date | null;
+  created_at: Date;
+}
+
+export interface BranchRow {
+  id: string;
+  project_id: string;
+  name: string;
+  parent_id: string | null;
+  admin_password: string;
+  spec_applied: string | null;
+  created_at: Date;
+}
+
+export class MetadataStore {
+  constructor(readonly pool: pg.Pool) {}
+
+  static async connect(databaseUrl: string): Promise<MetadataStore> {
+    const pool = new pg.Pool({ connectionString: databaseUrl, max: 10, idleTimeoutMillis: 30_000 });
+    pool.on('error', () => { /* an idle client died: the pool replaces it */ });
+    const store = new MetadataStore(pool);
+    await store.migrate();
+    return store;
+  }
+
+  async migrate(): Promise<void> {
+    const c = await this.pool.connect();
+    try {
+      await c.query('SELECT pg_advisory_lock(7243001)');
+      await c.query('CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())');
+      const { rows } = await c.query<{ v: number | null }>('SELECT max(version) AS v FROM schema_migrations');
+      for (let v = (rows[0]?.v ?? 0) + 1; v <= MIGRATIONS.length; v++) {
+        await c.query('BEGIN');
+        try {
+          await c.query(MIGRATIONS[v - 1]!);
+          await c.query('INSERT INTO schema_migrations (version) VALUES ($1)', [v]);
+          await c.query('COMMIT');
+        } catch (err) {
+          await c.query('ROLLBACK');
+          throw err;
+        }
+      }
+    } finally {
+      await c.query('SELECT pg_advisory_unlock(7243001)').catch(() => {});
+      c.release();
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end();
+  }
+
+  /** Runs `fn` in a transaction. */
+  async tx<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
+    const c = await this.pool.connect();
+    try {
+      await c.query('BEGIN');
+      const out = await fn(c);
+      await c.query('COMMIT');
+      return out;
+    } catch (err) {
+      await c.query('ROLLBACK').catch(() => {});
+      throw translatePgError(err);
+    } finally {
+      c.release();
+    }
+  }
+
+  private async q<R extends pg.QueryResultRow>(text: string, values: unknown[] = []): Promise<R[]> {
+    try {
+      return (await this.pool.query<R>(text, values)).rows;
+    } catch (err) {
+      throw translatePgError(err);
+    }
+  }
+
+  // ---- projects
+  async listProjects(): Promise<Project[]> {
+    return (await this.q<ProjectRow>('SELECT * FROM projects ORDER BY created_at, id')).map(projectOut);
+  }
+  async getProject(id: string): Promise<Project> {
+    const [row] = await this.q<ProjectRow>('SELECT * FROM projects WHERE id = $1', [id]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `project ${id} not found`, { userMessage: `project ${id} not found` });
+    return projectOut(row);
+  }
+  async deleteProject(id: string): Promise<Project> {
+    const [row] = await this.q<ProjectRow>('DELETE FROM projects WHERE id = $1 RETURNING *', [id]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `project ${id} not found`, { userMessage: `project ${id} not found` });
+    return projectOut(row);
+  }
+
+  // ---- branches
+  async listBranches(projectId: string): Promise<Branch[]> {
+    await this.getProject(projectId);
+    return (await this.q<BranchRow>('SELECT * FROM branches WHERE project_id = $1 ORDER BY created_at, id', [projectId])).map(branchOut);
+  }
+  async getBranchRow(projectId: string, branchId: string): Promise<BranchRow> {
+    const [row] = await this.q<BranchRow>('SELECT * FROM branches WHERE project_id = $1 AND (id = $2 OR name = $2)', [projectId, branchId]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `branch ${branchId} not found`, { userMessage: `branch ${branchId} not found in project ${projectId}` });
+    return row;
+  }
+  async branchById(branchId: string): Promise<BranchRow> {
+    const [row] = await this.q<BranchRow>('SELECT * FROM branches WHERE id = $1', [branchId]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `branch ${branchId} not found`, { userMessage: `branch ${branchId} not found` });
+    return row;
+  }
+  async setSpecApplied(branchId: string, hash: string): Promise<void> {
+    await this.q('UPDATE branches SET spec_applied = $2 WHERE id = $1', [branchId, hash]);
+  }
+
+  // ---- endpoints
+  async listEndpoints(projectId?: string): Promise<EndpointRow[]> {
+    return projectId === undefined
+      ? this.q<EndpointRow>('SELECT * FROM endpoints ORDER BY created_at, id')
+      : this.q<EndpointRow>('SELECT * FROM endpoints WHERE project_id = $1 ORDER BY created_at, id', [projectId]);
+  }
+  async findEndpoint(id: string): Promise<EndpointRow | undefined> {
+    const [row] = await this.q<EndpointRow>('SELECT * FROM endpoints WHERE id = $1', [id]);
+    return row;
+  }
+  async getEndpoint(id: string): Promise<EndpointRow> {
+    const row = await this.findEndpoint(id);
+    if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
+    return row;
+  }
+  async updateEndpoint(id: string, patch: { suspend_timeout_seconds?: number; stop_timeout_seconds?: number; disabled?: boolean }): Promise<EndpointRow> {
+    const [row] = await this.q<EndpointRow>(
+      `UPDATE endpoints SET suspend_timeout_seconds = coalesce($2, suspend_timeout_seconds),
+         stop_timeout_seconds = coalesce($3, stop_timeout_seconds), disabled = coalesce($4, disabled)
+       WHERE id = $1 RETURNING *`,
+      [id, patch.suspend_timeout_seconds ?? null, patch.stop_timeout_seconds ?? null, patch.disabled ?? null],
+    );
+    if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
+    return row;
+  }
+  async deleteEndpoint(id: string): Promise<EndpointRow> {
+    const [row] = await this.q<EndpointRow>('DELETE FROM endpoints WHERE id = $1 RETURNING *', [id]);
+    if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
+    return row;
+  }
+  async setEndpointState(id: string, state: EndpointState, lastActive?: Date): Promise<void> {
+    await this.q('UPDATE endpoints SET state = $2, last_active_at = coalesce($3, last_active_at) WHERE id = $1', [id, state, lastActive ?? null]);
+  }
+  async recordEvent(endpointId: string, event: LifecycleEvent['event'], detail?: string): Promise<void> {
+    await this.q('INSERT INTO lifecycle_events (endpoint_id, event, detail) VALUES ($1, $2, $3)', [endpointId, event, detail ?? null]);
+  }
+  async listEvents(endpointId: string): Promise<LifecycleEvent[]> {
+    await this.getEndpoint(endpointId);
+    const rows = await this.q<{ id: string; endpoint_id: string; event: LifecycleEvent['event']; detail: string | null; at: Date }>(
+      'SELECT * FROM lifecycle_events WHERE endpoint_id = $1 ORDER BY id', [endpointId],
+    );
+    return rows.map((r) => ({ id: Number(r.id), endpoint_id: r.endpoint_id, event: r.event, detail: r.detail, at: r.at.toISOString() }));
+  }
+
+  // ---- roles and databases
+  async listRoles(branchId: string): Promise<(Role & { scram_secret: string })[]> {
+    const rows = await this.q<{ branch_id: string; name: string; scram_secret: string; created_at: Date }>(
+      'SELECT * FROM roles WHERE branch_id = $1 ORDER BY created_at, name', [branchId],
+    );
+    return rows.map((r) => ({ branch_id: r.branch_id, name: r.name, scram_secret: r.scram_secret, created_at: r.created_at.toISOString() }));
+  }
+  async roleSecret(branchId: string, name: string): Promise<string | null> {
+    const [row] = await this.q<{ scram_secret: string }>('SELECT scram_secret FROM roles WHERE branch_id = $1 AND name = $2', [branchId, name]);
+    return row?.scram_secret ?? null;
+  }
+  async upsertRole(branchId: string, name: string, secret: string, mustBeNew: boolean): Promise<Role> {
+    const sql = mustBeNew
+      ? 'INSERT INTO roles (branch_id, name, scram_secret) VALUES ($1, $2, $3) RETURNING *'
+      : 'UPDATE roles SET scram_secret = $3 WHERE branch_id = $1 AND name = $2 RETURNING *';
+    const [row] = await this.q<{ branch_id: string; name: string; created_at: Date }>(sql, [branchId, name, secret]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `role ${name} not found`, { userMessage: `role ${name} not found` });
+    return { branch_id: row.branch_id, name: row.name, created_at: row.created_at.toISOString() };
+  }
+  async deleteRole(branchId: string, name: string): Promise<Role> {
+    const [row] = await this.q<{ branch_id: string; name: string; created_at: Date }>('DELETE FROM roles WHERE branch_id = $1 AND name = $2 RETURNING *', [branchId, name]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `role ${name} not found`, { userMessage: `role ${name} not found` });
+    return { branch_id: row.branch_id, name: row.name, created_at: row.created_at.toISOString() };
+  }
+  async listDatabases(branchId: string): Promise<Database[]> {
+    const rows = await this.q<{ branch_id: string; name: string; owner_name: string; created_at: Date }>(
+      'SELECT * FROM databases WHERE branch_id = $1 ORDER BY created_at, name', [branchId],
+    );
+    return rows.map((r) => ({ ...r, created_at: r.created_at.toISOString() }));
+  }
+  async createDatabase(branchId: string, name: string, owner: string): Promise<Database> {
+    const [row] = await this.q<{ branch_id: string; name: string; owner_name: string; created_at: Date }>(
+      'INSERT INTO databases (branch_id, name, owner_name) VALUES ($1, $2, $3) RETURNING *', [branchId, name, owner],
+    );
+    return { ...row!, created_at: row!.created_at.toISOString() };
+  }
+  async deleteDatabase(branchId: string, name: string): Promise<Database> {
+    const [row] = await this.q<{ branch_id: string; name: string; owner_name: string; created_at: Date }>(
+      'DELETE FROM databases WHERE branch_id = $1 AND name = $2 RETURNING *', [branchId, name],
+    );
+    if (!row) throw new XenonError('CP_NOT_FOUND', `database ${name} not found`, { userMessage: `database ${name} not found` });
+    return { ...row, created_at: row.created_at.toISOString() };
+  }
+}
+
+interface ProjectRow {
+  id: string;
+  name: string;
+  default_branch_id: string | null;
+  allowed_ips: string[];
+  created_at: Date;
+}
+
+function projectOut(r: ProjectRow): Project {
+  return { id: r.id, name: r.name, default_branch_id: r.default_branch_id, allowed_ips: r.allowed_ips, created_at: r.created_at.toISOString() };
+}
+
+export function branchOut(r: BranchRow): Branch {
+  return { id: r.id, project_id: r.project_id, name: r.name, parent_id: r.parent_id, created_at: r.created_at.toISOString() };
+}
+
+export function endpointOut(r: EndpointRow, extra: { host: string; state: EndpointState; connections: number; lastActive: Date | null }): Endpoint {
+  return {
+    id: r.id,
+    project_id: r.project_id,
+    branch_id: r.branch_id,
+    host: extra.host,
+    state: extra.state,
+    suspend_timeout_seconds: r.suspend_timeout_seconds,
+    stop_timeout_seconds: r.stop_timeout_seconds,
+    disabled: r.disabled,
+    connections: extra.connections,
+    last_active_at: iso(extra.lastActive ?? r.last_active_at),
+    created_at: r.created_at.toISOString(),
+  };
+}
+
+/** Unique violations → 409, FK violations → 400; everything else passes through. */
+export function translatePgError(err: unknown): unknown {
+  const code = (err as { code?: string }).code;
+  const detail = (err as { detail?: string }).detail;
+  if (code === '23505') return new XenonError('CP_CONFLICT', detail ?? 'already exists', { userMessage: detail ?? 'already exists', cause: err });
+  if (code === '23503') return new XenonError('CP_BAD_REQUEST', detail ?? 'reference not found', { userMessage: detail ?? 'a referenced object does not exist', cause: err });
+  return err;
+}
