@@ -234,24 +234,34 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     counted = ref.endpoint;
     let session: ComputeSession | undefined;
     for (let attempt = 1; !session; attempt++) {
-      let addr: { host: string; port: number };
+      let cached = false;
       try {
         ctx.begin('wake');
         const info = await deps.cp.wakeCompute(ref.endpoint);
         ctx.end();
+        cached = info.cached;
         if (info.cold) ctx.cold = true;
-        addr = info;
         ctx.begin('connect');
-        session = await connectCompute({ host: addr.host, port: addr.port, params: computeParams, clientKey: result.clientKey, secret, timeoutMs: config.computeConnectTimeoutMs });
+        session = await connectCompute({
+          host: info.host,
+          port: info.port,
+          params: computeParams,
+          clientKey: result.clientKey,
+          secret,
+          // A cached address may point at a compute suspended or stopped since: fail fast and re-wake.
+          timeoutMs: cached ? Math.min(config.computeConnectTimeoutMs, 1_000) : config.computeConnectTimeoutMs,
+        });
         ctx.end();
       } catch (err) {
         ctx.end();
         const xe = err instanceof XenonError ? err : undefined;
-        if (!xe?.retryable || attempt >= config.computeConnectAttempts) throw err;
+        // Any failure on a cached address earns a fresh wake (the port may even belong to another compute now).
+        const retry = (cached && !(err instanceof ComputeError)) || (xe?.retryable ?? false);
+        if (!retry || attempt >= config.computeConnectAttempts) throw err;
         deps.cp.invalidateWake(ref.endpoint);
         metrics.computeRetries.inc();
-        ctx.logger.info('compute connect failed; waking again', { attempt, code: xe.code, err: xe.message });
-        await delay(Math.min(1_000, 25 * 2 ** attempt));
+        ctx.logger.info('compute connect failed; waking again', { attempt, cached, code: xe?.code, err: (err as Error).message });
+        if (!cached) await delay(Math.min(1_000, 25 * 2 ** attempt));
       }
     }
     clearTimeout(timer);

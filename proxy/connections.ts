@@ -17,7 +17,14 @@ export class ConnectionTracker {
 
   constructor(
     private readonly api: Pick<ControlPlaneApi, 'reportConnections'>,
-    private readonly opts: { proxyId: string; intervalMs: number; changeDelayMs?: number; logger: Logger },
+    private readonly opts: {
+      proxyId: string;
+      intervalMs: number;
+      changeDelayMs?: number;
+      logger: Logger;
+      /** Endpoints whose cached addresses the control plane says are stale. */
+      onInvalidate?: (endpoints: string[]) => void;
+    },
   ) {}
 
   start(): void {
@@ -69,7 +76,8 @@ export class ConnectionTracker {
     this.reporting = this.api
       .reportConnections({ proxy_id: this.opts.proxyId, counts, ttl_seconds: Math.max(1, Math.ceil((this.opts.intervalMs * 3) / 1000)) })
       .then(
-        () => {
+        (res) => {
+          if (res?.invalidate?.length) this.opts.onInvalidate?.(res.invalidate);
           if (this.failing) this.opts.logger.info('connection reports reach the control plane again');
           this.failing = false;
         },

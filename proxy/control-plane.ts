@@ -19,7 +19,9 @@ type AccessEntry = { access: EndpointAccess | null };
 
 export class CachedControlPlane {
   private readonly access: LRUCache<string, AccessEntry, { endpoint: string; role: string }>;
+  /** Settled wake answers only: deleting one never aborts a wake in flight. */
   private readonly wakes: LRUCache<string, ComputeInfo>;
+  private readonly wakesInFlight = new Map<string, Promise<ComputeInfo>>();
 
   constructor(
     readonly api: ControlPlaneApi,
@@ -34,16 +36,11 @@ export class CachedControlPlane {
         return { access };
       },
     });
-    this.wakes = new LRUCache<string, ComputeInfo>({
-      max: opts.maxEntries ?? 10_000,
-      ttl: opts.maxWakeCacheMs || 1,
-      fetchMethod: async (endpoint, _stale, { options }) => {
-        const info = await api.wakeCompute(endpoint);
-        options.ttl = Math.max(1, Math.min(opts.maxWakeCacheMs, info.cache_ttl_ms));
-        return info;
-      },
-    });
+    this.wakes = new LRUCache<string, ComputeInfo>({ max: opts.maxEntries ?? 10_000, ttl: opts.maxWakeCacheMs || 1 });
+    this.maxWakeCacheMs = opts.maxWakeCacheMs;
   }
+
+  private readonly maxWakeCacheMs: number;
 
   /** null when the endpoint does not exist. */
   async getEndpointAccess(endpoint: string, role: string): Promise<EndpointAccess | null> {
@@ -55,8 +52,16 @@ export class CachedControlPlane {
   async wakeCompute(endpoint: string): Promise<ComputeInfo & { cached: boolean }> {
     const cached = this.wakes.get(endpoint);
     if (cached) return { ...cached, cold: false, cached: true };
-    const info = await this.wakes.fetch(endpoint);
-    return { ...info!, cached: false };
+    let pending = this.wakesInFlight.get(endpoint);
+    if (!pending) {
+      pending = this.api.wakeCompute(endpoint).then((info) => {
+        const ttl = Math.min(this.maxWakeCacheMs, info.cache_ttl_ms);
+        if (ttl > 0) this.wakes.set(endpoint, info, { ttl });
+        return info;
+      }).finally(() => this.wakesInFlight.delete(endpoint));
+      this.wakesInFlight.set(endpoint, pending);
+    }
+    return { ...(await pending), cached: false };
   }
 
   /** Drop a wake answer whose address failed, so the next wake asks again. */

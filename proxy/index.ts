@@ -54,7 +54,12 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
   }
   const api = deps.controlPlane ?? new ControlPlaneClient(config.controlPlaneUrl);
   const cp = new CachedControlPlane(api, { accessTtlMs: config.accessCacheTtlMs, negativeTtlMs: Math.min(config.accessCacheTtlMs, 30_000), maxWakeCacheMs: config.maxWakeCacheMs });
-  const tracker = new ConnectionTracker(api, { proxyId: config.proxyId, intervalMs: config.reportIntervalMs, logger: logger.child({ component: 'connections' }) });
+  const tracker = new ConnectionTracker(api, {
+    proxyId: config.proxyId,
+    intervalMs: config.reportIntervalMs,
+    logger: logger.child({ component: 'connections' }),
+    onInvalidate: (endpoints) => { for (const e of endpoints) cp.invalidateWake(e); },
+  });
   tracker.start();
   const cancels = deps.cancels ?? new MemoryCancelMap();
   const sockets = new Set<Socket>();

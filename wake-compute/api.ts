@@ -27,7 +27,7 @@
  * Proxy API:
  *   GET    /v1/proxy/endpoints/:endpoint/access?role=R    → EndpointAccess   (404 CP_ENDPOINT_NOT_FOUND)
  *   POST   /v1/proxy/endpoints/:endpoint/wake             → ComputeInfo
- *   POST   /v1/proxy/connections       ConnectionReport   → { ok: true }
+ *   POST   /v1/proxy/connections       ConnectionReport   → ConnectionReportResponse
  */
 
 export const ENDPOINT_STATES = ['stopped', 'starting', 'active', 'suspended', 'stopping'] as const;
@@ -162,12 +162,18 @@ export interface ConnectionReport {
   ttl_seconds: number;
 }
 
+export interface ConnectionReportResponse {
+  ok: true;
+  /** Endpoints suspended, stopped or restarted since this proxy's last report: drop cached wake answers. */
+  invalidate: string[];
+}
+
 /** The control plane as the proxy sees it (DESIGN §5). */
 export interface ControlPlaneApi {
   /** null when the endpoint does not exist. */
   getEndpointAccess(endpoint: string, role: string): Promise<EndpointAccess | null>;
   wakeCompute(endpoint: string): Promise<ComputeInfo>;
-  reportConnections(report: ConnectionReport): Promise<void>;
+  reportConnections(report: ConnectionReport): Promise<ConnectionReportResponse>;
 }
 
 export const ENDPOINT_ID_RE = /^ep-[a-z0-9]+(?:-[a-z0-9]+)*$/;

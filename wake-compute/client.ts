@@ -26,8 +26,8 @@ export class ControlPlaneClient implements api.ControlPlaneApi {
     return this.call('POST', `/v1/proxy/endpoints/${encodeURIComponent(endpoint)}/wake`, {}, this.opts.wakeTimeoutMs ?? 60_000);
   }
 
-  async reportConnections(report: api.ConnectionReport): Promise<void> {
-    await this.call('POST', '/v1/proxy/connections', report);
+  reportConnections(report: api.ConnectionReport): Promise<api.ConnectionReportResponse> {
+    return this.call('POST', '/v1/proxy/connections', report);
   }
 
   // ---- console API

@@ -14,6 +14,7 @@ import {
   ENDPOINT_STATES,
   NAME_RE,
   type ConnectionReport,
+  type ConnectionReportResponse,
   type CreateDatabaseRequest,
   type CreateEndpointRequest,
   type CreateProjectRequest,
@@ -324,8 +325,8 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) throw badRequest(`counts.${k} must be a non-negative integer`);
       counts[k] = v;
     }
-    manager.reportConnections({ proxy_id: b.proxy_id, counts, ttl_seconds: Math.min(b.ttl_seconds, 300) });
-    return { ok: true };
+    const invalidate = manager.reportConnections({ proxy_id: b.proxy_id, counts, ttl_seconds: Math.min(b.ttl_seconds, 300) });
+    return { ok: true, invalidate } satisfies ConnectionReportResponse;
   });
 
   const http = await startHttpServer({ host: config.host, port: config.port, router: r, logger, registry });

@@ -55,6 +55,8 @@ export interface ComputeManagerOptions {
 export class ComputeManager {
   private readonly runtimes = new Map<string, Runtime>();
   private readonly reports = new Map<string, { counts: Record<string, number>; expires: number }>();
+  /** Per proxy: endpoints whose address stopped being valid since its last report. */
+  private readonly invalidations = new Map<string, Set<string>>();
   private timer?: NodeJS.Timeout;
   private closing = false;
   readonly counters: LifecycleCounters = { starts: 0, resumes: 0, suspends: 0, stops: 0, startFailures: 0 };
@@ -108,7 +110,8 @@ export class ComputeManager {
     return n;
   }
 
-  reportConnections(report: ConnectionReport): void {
+  /** Records a proxy's counts; returns the endpoints whose cached wake answers it must drop. */
+  reportConnections(report: ConnectionReport): string[] {
     const now = this.now();
     const prev = this.reports.get(report.proxy_id)?.counts ?? {};
     this.reports.set(report.proxy_id, { counts: report.counts, expires: now + report.ttl_seconds * 1000 });
@@ -118,6 +121,20 @@ export class ComputeManager {
         const rt = this.runtimes.get(id);
         if (rt) rt.lastActive = Math.max(rt.lastActive, now);
       }
+    }
+    const invalid = this.invalidations.get(report.proxy_id);
+    this.invalidations.set(report.proxy_id, new Set());
+    return invalid ? [...invalid] : [];
+  }
+
+  /** The compute's address is no longer good (suspended, stopped, gone): tell every live proxy. */
+  private invalidate(endpointId: string): void {
+    const now = this.now();
+    for (const [proxy, r] of this.reports) {
+      if (r.expires < now) { this.reports.delete(proxy); this.invalidations.delete(proxy); continue; }
+      let set = this.invalidations.get(proxy);
+      if (!set) this.invalidations.set(proxy, (set = new Set()));
+      set.add(endpointId);
     }
   }
 
@@ -208,6 +225,7 @@ export class ComputeManager {
   private async doSuspend(rt: Runtime): Promise<void> {
     if (rt.state !== 'active' || this.o.driver.status(rt.id) !== 'running') return;
     await this.o.driver.suspend(rt.id);
+    this.invalidate(rt.id);
     this.counters.suspends++;
     rt.suspendedAt = this.now();
     await this.setState(rt, 'suspended');
@@ -218,6 +236,7 @@ export class ComputeManager {
   private async doStop(rt: Runtime): Promise<void> {
     if (rt.state === 'stopped' && this.o.driver.status(rt.id) === 'stopped') return;
     await this.setState(rt, 'stopping');
+    this.invalidate(rt.id);
     await this.o.driver.stop(rt.id);
     this.counters.stops++;
     rt.address = undefined;
@@ -272,6 +291,7 @@ export class ComputeManager {
     await this.withLock(rt, async () => {
       if (this.o.driver.status(endpointId) !== 'stopped') return;
       rt.address = undefined;
+      this.invalidate(endpointId);
       await this.o.store.recordEvent(endpointId, 'exit', `exit code ${code}`).catch(() => {});
       await this.setState(rt, 'stopped');
     });

@@ -1,0 +1,126 @@
+// Acceptance: wake on connect, scale to zero (suspend, then stop), single-flight cold starts,
+// and failed authentication that never wakes a compute.
+import t from 'tap';
+import { readFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import pg from 'pg';
+import { startTestStack, waitFor, type TestStack } from '../helpers/stack.ts';
+
+/** pid and port of the endpoint's postmaster, from its lock file (undefined when it is not running). */
+function postmaster(stack: TestStack, branchId: string): { pid: number; port: number } | undefined {
+  try {
+    const lines = readFileSync(join(stack.dirs.data, 'computes', branchId, 'pgdata', 'postmaster.pid'), 'utf8').split('\n');
+    return { pid: Number(lines[0]), port: Number(lines[3]) };
+  } catch {
+    return undefined;
+  }
+}
+
+function alive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch { return false; }
+}
+
+/** Does a Postgres on `port` answer an SSLRequest within `ms`? (A frozen one cannot.) */
+function answers(port: number, ms: number): Promise<boolean> {
+  return new Promise((res) => {
+    const s = connect(port, '127.0.0.1', () => s.write(Buffer.from([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])));
+    const timer = setTimeout(() => { s.destroy(); res(false); }, ms);
+    s.once('data', () => { clearTimeout(timer); s.destroy(); res(true); });
+    s.once('error', () => { clearTimeout(timer); res(false); });
+  });
+}
+
+async function query(stack: TestStack, sql: string, o: Parameters<TestStack['pgConfig']>[0] = {}): Promise<pg.QueryResult> {
+  const c = new pg.Client(stack.pgConfig(o));
+  await c.connect();
+  try { return await c.query(sql); } finally { await c.end(); }
+}
+
+async function startEvents(stack: TestStack): Promise<number> {
+  return (await stack.api.endpointEvents(stack.info.endpoint_id)).events.filter((e) => e.event === 'start').length;
+}
+
+t.test('lifecycle', async (t) => {
+  const stack = await startTestStack(t);
+  const ep = stack.info.endpoint_id;
+  const branch = (await stack.api.getEndpoint(ep)).endpoint.branch_id;
+  await query(stack, 'CREATE TABLE kept (v text); INSERT INTO kept VALUES ($$before sleep$$)');
+
+  await t.test('a stopped endpoint cold-starts on the first connection', async (t) => {
+    await stack.api.endpointAction(ep, 'stop');
+    t.equal((await stack.api.getEndpoint(ep)).endpoint.state, 'stopped');
+    t.equal(postmaster(stack, branch), undefined, 'no postmaster while stopped');
+    const before = await startEvents(stack);
+    const { rows } = await query(stack, 'SELECT v FROM kept');
+    t.same(rows, [{ v: 'before sleep' }]);
+    t.equal(await startEvents(stack), before + 1, 'exactly one start');
+    t.equal((await stack.api.getEndpoint(ep)).endpoint.state, 'active');
+  });
+
+  await t.test('idle: suspended after suspend_timeout, stopped after stop_timeout, woken again with data', async (t) => {
+    await stack.api.updateEndpoint(ep, { suspend_timeout_seconds: 1, stop_timeout_seconds: 2 });
+    const held = new pg.Client(stack.pgConfig());
+    await held.connect();
+    const pm = postmaster(stack, branch)!;
+    t.ok(pm && alive(pm.pid), 'compute running');
+    // While a client is connected, the endpoint stays active however long it is idle.
+    await new Promise((r) => setTimeout(r, 1_800));
+    t.equal((await stack.api.getEndpoint(ep)).endpoint.state, 'active', 'an open connection keeps it active');
+    t.equal((await stack.api.getEndpoint(ep)).endpoint.connections, 1, 'the proxy reported the connection');
+    await held.end();
+
+    t.ok(await waitFor(async () => (await stack.api.getEndpoint(ep)).endpoint.state === 'suspended', 10_000), 'suspended');
+    t.ok(alive(pm.pid), 'postmaster still exists while suspended (memory kept)');
+    t.equal(await answers(pm.port, 300), false, 'a suspended compute does not answer');
+
+    t.ok(await waitFor(async () => (await stack.api.getEndpoint(ep)).endpoint.state === 'stopped', 10_000), 'stopped');
+    t.ok(await waitFor(() => !alive(pm.pid), 5_000), 'its postgres is gone');
+    t.equal(postmaster(stack, branch), undefined, 'lock file removed: clean shutdown');
+
+    const { rows } = await query(stack, 'SELECT v FROM kept');
+    t.same(rows, [{ v: 'before sleep' }], 'the next connection wakes it and the rows are there');
+    await stack.api.updateEndpoint(ep, { suspend_timeout_seconds: 300, stop_timeout_seconds: 600 });
+  });
+
+  await t.test('a suspended endpoint resumes on connect', async (t) => {
+    const pm = postmaster(stack, branch)!;
+    await stack.api.endpointAction(ep, 'suspend');
+    t.equal(await answers(pm.port, 300), false, 'frozen');
+    await new Promise((r) => setTimeout(r, 500)); // the proxy's heartbeat carries the invalidation
+    const t0 = performance.now();
+    const { rows } = await query(stack, 'SELECT 1 AS one');
+    t.same(rows, [{ one: 1 }]);
+    t.ok(performance.now() - t0 < 900, `resume + connect took ${Math.round(performance.now() - t0)} ms`);
+    t.equal(postmaster(stack, branch)!.pid, pm.pid, 'same postmaster: resumed, not restarted');
+  });
+
+  await t.test('50 concurrent connections to a stopped endpoint: one start, all succeed', async (t) => {
+    await stack.api.endpointAction(ep, 'stop');
+    const before = await startEvents(stack);
+    const results = await Promise.allSettled(Array.from({ length: 50 }, (_, i) => query(stack, `SELECT ${i} AS i`)));
+    const ok = results.filter((r) => r.status === 'fulfilled').length;
+    const errors = results.flatMap((r) => (r.status === 'rejected' ? [String(r.reason)] : []));
+    t.equal(ok, 50, `all 50 succeeded ${errors.slice(0, 3).join('; ')}`);
+    t.equal(await startEvents(stack), before + 1, 'exactly one compute start');
+  });
+
+  await t.test('wrong password, unknown role, unknown endpoint: 28P01 and nothing wakes', async (t) => {
+    await stack.api.endpointAction(ep, 'stop');
+    const before = await startEvents(stack);
+    const attempts: [string, Parameters<TestStack['pgConfig']>[0], string][] = [
+      ['wrong password', { password: 'not-the-password' }, stack.info.role],
+      ['unknown role', { user: 'nobody' }, 'nobody'],
+      ['unknown endpoint', { endpoint: 'ep-unknown-thing-000000' }, stack.info.role],
+    ];
+    for (const [what, cfg, user] of attempts) {
+      const err = await query(stack, 'SELECT 1', cfg).then(() => undefined, (e: unknown) => e as pg.DatabaseError);
+      t.equal(err?.code, '28P01', `${what}: 28P01`);
+      t.equal(err?.message, `password authentication failed for user "${user}"`, `${what}: the same message as a wrong password`);
+    }
+    await new Promise((r) => setTimeout(r, 300));
+    t.equal((await stack.api.getEndpoint(ep)).endpoint.state, 'stopped', 'endpoint still stopped');
+    t.equal(await startEvents(stack), before, 'no compute start');
+    t.equal(postmaster(stack, branch), undefined, 'no postmaster');
+  });
+});

@@ -1,0 +1,166 @@
+/**
+ * Starts the real local stack for a test, the way users do: `xenon up --json` as a child
+ * process, with its own state and data directories in /tmp, free ports, and fast idle timers.
+ * Teardown sends SIGINT (as Ctrl-C does), waits for a clean exit and removes the directories.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import pg from 'pg';
+import { ControlPlaneClient } from '../../wake-compute/client.ts';
+
+export const ROOT = resolve(import.meta.dirname, '..', '..');
+
+export interface UpInfo {
+  connection_string: string;
+  psql: string;
+  api_url: string;
+  proxy_port: number;
+  metrics_url: string;
+  ca_cert: string;
+  state_dir: string;
+  project_id: string;
+  endpoint_id: string;
+  role: string;
+  password: string;
+  database: string;
+}
+
+export interface TestStack {
+  info: UpInfo;
+  api: ControlPlaneClient;
+  dirs: { state: string; data: string };
+  env: NodeJS.ProcessEnv;
+  /** node-postgres config for an endpoint through the proxy, TLS verify-full by SNI. */
+  pgConfig(o?: { endpoint?: string; user?: string; password?: string; database?: string }): pg.ClientConfig;
+  /** psql connection string (hostaddr + host for SNI). */
+  psqlConn(o?: { endpoint?: string; user?: string; password?: string; database?: string; extra?: string }): string;
+  /** Stops the stack (SIGINT) and waits; keeps the directories. */
+  stop(): Promise<number | null>;
+  /** Starts `xenon up` again on the same directories. */
+  restart(): Promise<void>;
+  readonly child: ChildProcess;
+}
+
+export function freePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => res(port));
+    });
+  });
+}
+
+interface Teardown {
+  teardown(fn: () => unknown): void;
+}
+
+export async function startTestStack(t: Teardown, extraEnv: Record<string, string> = {}): Promise<TestStack> {
+  const state = mkdtempSync(join(tmpdir(), 'xenon-state-'));
+  const data = mkdtempSync(join(tmpdir(), 'xenon-data-'));
+  chmodSync(data, 0o755); // computes run as `postgres` when we are root
+  const portMin = 20000 + Math.floor(Math.random() * 400) * 100;
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    XENON_STATE_DIR: state,
+    XENON_DATA_DIR: data,
+    XENON_API_PORT: '0',
+    XENON_PROXY_PORT: '0',
+    XENON_PROXY_METRICS_PORT: '0',
+    XENON_METADATA_PORT: String(await freePort()),
+    XENON_COMPUTE_PORT_MIN: String(portMin),
+    XENON_COMPUTE_PORT_MAX: String(portMin + 99),
+    XENON_IDLE_CHECK_MS: '100',
+    XENON_PROXY_REPORT_INTERVAL_MS: '200',
+    XENON_LOG_LEVEL: 'debug',
+    ...extraEnv,
+  };
+  let child!: ChildProcess;
+  let exited!: Promise<number | null>;
+  let info!: UpInfo;
+  const up = async (): Promise<void> => {
+    child = spawn(process.execPath, [join(ROOT, 'wake-compute/bin/xenon.js'), 'up', '--json'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    exited = new Promise((r) => child.once('exit', (code) => r(code)));
+    info = await new Promise<UpInfo>((res, rej) => {
+      const timer = setTimeout(() => rej(new Error(`xenon up did not become ready in 60 s: ${err}`)), 60_000);
+      createInterface({ input: child.stdout! }).on('line', (line) => {
+        try {
+          const msg = JSON.parse(line) as UpInfo & { ready?: string };
+          if (msg.ready === 'xenon') { clearTimeout(timer); res(msg); }
+        } catch { /* not JSON */ }
+      });
+      void exited.then((code) => { clearTimeout(timer); rej(new Error(`xenon up exited with ${code}: ${err}`)); });
+    });
+  };
+  const stop = async (): Promise<number | null> => {
+    if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
+    child.kill('SIGINT');
+    return exited;
+  };
+  t.teardown(async () => {
+    await stop();
+    rmSync(state, { recursive: true, force: true });
+    rmSync(data, { recursive: true, force: true });
+  });
+  await up();
+  const ca = readFileSync(info.ca_cert, 'utf8');
+  const stack: TestStack = {
+    get info() { return info; },
+    get api() { return new ControlPlaneClient(info.api_url); },
+    get child() { return child; },
+    dirs: { state, data },
+    env,
+    pgConfig: (o = {}) => {
+      const endpoint = o.endpoint ?? info.endpoint_id;
+      return {
+        host: '127.0.0.1',
+        port: info.proxy_port,
+        user: o.user ?? info.role,
+        password: o.password ?? info.password,
+        database: o.database ?? info.database,
+        ssl: { ca, servername: `${endpoint}.localtest.me`, rejectUnauthorized: true },
+        connectionTimeoutMillis: 30_000,
+      };
+    },
+    psqlConn: (o = {}) => {
+      const endpoint = o.endpoint ?? info.endpoint_id;
+      return `host=${endpoint}.localtest.me hostaddr=127.0.0.1 port=${info.proxy_port} user=${o.user ?? info.role} password=${o.password ?? info.password} dbname=${o.database ?? info.database} sslmode=verify-full sslrootcert=${info.ca_cert} ${o.extra ?? ''}`;
+    },
+    stop,
+    restart: async () => {
+      await stop();
+      await up();
+    },
+  };
+  return stack;
+}
+
+/** Polls `fn` until it returns true (or the timeout passes). */
+export async function waitFor(fn: () => Promise<boolean> | boolean, timeoutMs = 20_000, stepMs = 50): Promise<boolean> {
+  const until = Date.now() + timeoutMs;
+  while (Date.now() < until) {
+    if (await fn()) return true;
+    await new Promise((r) => setTimeout(r, stepMs));
+  }
+  return false;
+}
+
+/** Runs psql; resolves with stdout, stderr and the exit code. */
+export function psql(conn: string, sql: string, timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((res) => {
+    const child = spawn('psql', [conn, '-X', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-c', sql], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, PGCONNECT_TIMEOUT: '30' } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.on('exit', (code) => { clearTimeout(timer); res({ code, stdout: stdout.trim(), stderr: stderr.trim() }); });
+  });
+}
