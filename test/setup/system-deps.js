@@ -1,0 +1,55 @@
+#!/usr/bin/env node
+// `npm test` runs this first (pretest): it makes sure the system packages the suite needs are
+// present. As root it installs them with apt-get (without creating Debian's default cluster);
+// otherwise it stops and prints the exact command to run.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+
+const PG_MAJOR = '15';
+const PG_BIN = `/usr/lib/postgresql/${PG_MAJOR}/bin`;
+
+/** What the suite needs: a check, and the Debian package that satisfies it. */
+const NEEDS = [
+  { what: `PostgreSQL ${PG_MAJOR} server (${PG_BIN}/postgres)`, ok: () => existsSync(`${PG_BIN}/postgres`) && existsSync(`${PG_BIN}/initdb`), pkg: `postgresql-${PG_MAJOR}` },
+  { what: `pgbench (${PG_BIN}/pgbench)`, ok: () => existsSync(`${PG_BIN}/pgbench`), pkg: `postgresql-${PG_MAJOR}` },
+  { what: 'psql', ok: () => onPath('psql'), pkg: `postgresql-client-${PG_MAJOR}` },
+  { what: 'openssl', ok: () => onPath('openssl'), pkg: 'openssl' },
+];
+
+function onPath(cmd) {
+  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
+}
+
+const major = Number(process.versions.node.split('.')[0]);
+if (major < 20) {
+  console.error(`xenon: Node.js 20 or newer is required (this is ${process.version}).`);
+  process.exit(1);
+}
+
+const missing = NEEDS.filter((n) => !n.ok());
+const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
+if (missing.length) {
+  const pkgs = [...new Set(missing.map((n) => n.pkg))];
+  const cmd = `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${pkgs.join(' ')}`;
+  if (!isRoot) {
+    console.error(`xenon: the test suite needs ${missing.map((n) => n.what).join(', ')}.\nInstall with:\n  sudo sh -c '${cmd}'`);
+    process.exit(1);
+  }
+  console.error(`xenon: installing ${pkgs.join(' ')} …`);
+  // Debian's postgresql package would create and start a "main" cluster on port 5432: the suite
+  // starts its own clusters, so ask postgresql-common not to.
+  mkdirSync('/etc/postgresql-common/createcluster.d', { recursive: true });
+  writeFileSync('/etc/postgresql-common/createcluster.d/xenon-no-main-cluster.conf', 'create_main_cluster = false\n');
+  execFileSync('sh', ['-c', cmd], { stdio: 'inherit' });
+  const still = NEEDS.filter((n) => !n.ok());
+  if (still.length) {
+    console.error(`xenon: still missing after apt-get: ${still.map((n) => n.what).join(', ')}`);
+    process.exit(1);
+  }
+}
+
+// As root, Postgres runs as the `postgres` user (the package creates it).
+if (isRoot && !readFileSync('/etc/passwd', 'utf8').split('\n').some((l) => l.startsWith('postgres:'))) {
+  console.error("xenon: running as root needs a 'postgres' user for the computes; creating it");
+  execFileSync('useradd', ['--system', '--user-group', '--home-dir', '/var/lib/postgresql', '--shell', '/bin/sh', 'postgres'], { stdio: 'inherit' });
+}
