@@ -67,7 +67,7 @@ export class ConfigSource {
     const v = this.raw(opts.flag, envName);
     if (v === undefined) return def;
     const n = Number(v);
-    if (!Number.isFinite(n)) throw new ConfigError(`${envName} must be a number, got ${JSON.stringify(v)}`);
+    if (v.trim() === '' || !Number.isFinite(n)) throw new ConfigError(`${envName} must be a number, got ${JSON.stringify(v)}`);
     if (opts.min !== undefined && n < opts.min) throw new ConfigError(`${envName} must be >= ${opts.min}, got ${n}`);
     return n;
   }

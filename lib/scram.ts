@@ -4,6 +4,7 @@
  * The secret string format is Postgres' own: `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
  */
 import { createHash, createHmac, pbkdf2Sync, randomBytes, timingSafeEqual } from 'node:crypto';
+import saslprep from '@mongodb-js/saslprep';
 
 export interface ScramSecret {
   iterations: number;
@@ -30,13 +31,16 @@ export function safeEqual(a: Buffer, b: Buffer): boolean {
 }
 
 /**
- * Approximates SASLprep (RFC 4013) the way Postgres uses it: ASCII passwords are used as is;
- * others are NFKC-normalised with the commonly-mapped-to-nothing characters removed.
+ * SASLprep (RFC 4013) the way Postgres applies it to SCRAM passwords (src/common/saslprep.c):
+ * the prepared string when the password is valid UTF-8 without prohibited characters, else the
+ * password exactly as given. libpq does the same on the client side, so secrets match.
  */
 export function saslPrep(password: string): string {
-  // eslint-disable-next-line no-control-regex
-  if (/^[\x00-\x7f]*$/.test(password)) return password;
-  return password.replace(/[\u00ad\u034f\u1806\u180b-\u180d\u200b-\u200d\u2060\ufe00-\ufe0f\ufeff]/g, '').replace(/[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]/g, ' ').normalize('NFKC');
+  try {
+    return saslprep(password, { allowUnassigned: false });
+  } catch {
+    return password;
+  }
 }
 
 export function makeScramSecret(password: string, opts: { iterations?: number; salt?: Buffer } = {}): ScramSecret {

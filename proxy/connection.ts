@@ -22,7 +22,9 @@ import type { ProxyMetrics } from './metrics.ts';
 import { pipeBoth } from './passthrough.ts';
 import {
   backend,
+  DEFAULT_MAX_MESSAGE,
   FrontendReader,
+  MAX_STARTUP_PACKET,
   MESSAGE_TYPES,
   parseSaslInitialResponse,
   PgWireError,
@@ -46,12 +48,17 @@ const violation = (msg: string): XenonError => new XenonError('PROXY_PROTOCOL_VI
 /** Startup parameters never forwarded to the compute. */
 const DROPPED_PARAMS = new Set(['user', 'database', 'options', 'replication']);
 
+/** The most a client may have buffered at the proxy before it stops reading (backpressure). */
+const MAX_BUFFERED = MAX_STARTUP_PACKET + DEFAULT_MAX_MESSAGE;
+
 /** The client side: a socket (plain, then TLS) feeding a FrontendReader, read with `await`. */
 class ClientConn {
   socket: Socket;
   readonly reader = new FrontendReader();
   private waiter?: () => void;
   private gone = false;
+  /** We sent the client an error and are closing: its disconnect is not news. */
+  failed = false;
 
   constructor(socket: Socket) {
     this.socket = socket;
@@ -60,6 +67,8 @@ class ClientConn {
 
   private readonly onData = (chunk: Buffer): void => {
     this.reader.push(chunk);
+    // Pipelined bytes wait here while we authenticate and wake: bound them.
+    if (this.reader.buffered > MAX_BUFFERED) this.socket.pause();
     this.wake();
   };
   private readonly onGone = (): void => {
@@ -93,6 +102,7 @@ class ClientConn {
       const v = fn();
       if (v !== null) return v;
       if (this.gone || this.socket.destroyed) throw new ClientGone();
+      if (this.socket.isPaused()) this.socket.resume();
       await new Promise<void>((r) => (this.waiter = r));
     }
   }
@@ -132,9 +142,15 @@ class ClientConn {
     return this.reader.drain();
   }
 
-  /** Sends a FATAL ErrorResponse and closes. */
+  /** Sends a FATAL ErrorResponse and closes (once). Whatever the client still sends is discarded. */
   fail(fields: { code: string; message: string; detail?: string; hint?: string }): void {
-    if (this.socket.destroyed) return;
+    if (this.failed || this.socket.destroyed) return;
+    this.failed = true;
+    this.socket.off('data', this.onData);
+    this.socket.on('data', () => {});
+    this.socket.on('error', () => {});
+    this.reader.drain();
+    this.socket.resume();
     this.socket.end(backend.errorResponse({ severity: 'FATAL', ...fields }));
     setTimeout(() => this.socket.destroy(), 1_000).unref();
     this.gone = true;
@@ -333,6 +349,8 @@ function observeConnect(ctx: RequestContext, metrics: ProxyMetrics): void {
 }
 
 function reportError(err: unknown, conn: ClientConn, ctx: RequestContext, metrics: ProxyMetrics): void {
+  // Already answered (a timeout fired): what follows is the consequence of our own close.
+  if (conn.failed) return;
   if (err instanceof ClientGone) {
     metrics.errors.inc({ kind: 'clientDisconnect', code: 'CLIENT_GONE' });
     ctx.logger.debug('client went away during startup', { reason: err.message });

@@ -14,6 +14,8 @@ export class ConnectionTracker {
   private soon?: NodeJS.Timeout;
   private failing = false;
   private reporting?: Promise<void>;
+  /** A change happened while a report was in flight: send another when it finishes. */
+  private again = false;
 
   constructor(
     private readonly api: Pick<ControlPlaneApi, 'reportConnections'>,
@@ -69,7 +71,10 @@ export class ConnectionTracker {
 
   /** Sends one snapshot now (serialised: one report in flight at a time). */
   async report(): Promise<void> {
-    if (this.reporting) return this.reporting;
+    if (this.reporting) {
+      this.again = true;
+      return this.reporting;
+    }
     const counts = this.snapshot();
     for (const e of this.zeroed) counts[e] = 0;
     this.zeroed.clear();
@@ -86,7 +91,13 @@ export class ConnectionTracker {
           this.failing = true;
         },
       )
-      .finally(() => { this.reporting = undefined; });
+      .finally(() => {
+        this.reporting = undefined;
+        if (this.again) {
+          this.again = false;
+          void this.report();
+        }
+      });
     return this.reporting;
   }
 

@@ -40,6 +40,8 @@ export class ProcessDriver implements ComputeDriver {
   readonly kind = 'process';
   private readonly running = new Map<string, Running>();
   private readonly exitListeners: ((e: ComputeExit) => void)[] = [];
+  /** Freezer-group cleanups after exits; a restart of the same compute waits for its own. */
+  private readonly releasing = new Map<string, Promise<void>>();
   private constructor(
     private readonly opts: ProcessDriverOptions,
     private readonly freezer: Freezer,
@@ -84,6 +86,7 @@ export class ProcessDriver implements ComputeDriver {
   async start(spec: ComputeSpec): Promise<ComputeAddress> {
     const existing = this.running.get(spec.computeId);
     if (existing && !existing.stopping) throw new XenonError('CP_CONFLICT', `compute ${spec.computeId} is already running`);
+    await this.releasing.get(spec.computeId);
     const dataDir = this.dataDir(spec.dataKey);
     if (!(await this.hasData(spec.dataKey))) {
       throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
@@ -121,7 +124,10 @@ export class ProcessDriver implements ComputeDriver {
 
   private onExit(computeId: string, r: Running): void {
     if (this.running.get(computeId) === r) this.running.delete(computeId);
-    void this.freezer.release(computeId);
+    const released = this.freezer.release(computeId).finally(() => {
+      if (this.releasing.get(computeId) === released) this.releasing.delete(computeId);
+    });
+    this.releasing.set(computeId, released);
     if (!r.stopping) {
       this.opts.logger.warn('compute exited unexpectedly', { computeId, code: r.pg.lastExitCode });
       for (const l of this.exitListeners) l({ computeId, code: r.pg.lastExitCode, expected: false });
@@ -134,6 +140,7 @@ export class ProcessDriver implements ComputeDriver {
     r.stopping = true;
     if (r.suspended) await this.resume(computeId);
     await r.pg.stop('fast', this.opts.stopTimeoutMs ?? 30_000);
+    await this.releasing.get(computeId);
   }
 
   async suspend(computeId: string): Promise<void> {
@@ -182,5 +189,6 @@ export class ProcessDriver implements ComputeDriver {
 
   async close(): Promise<void> {
     await Promise.all([...this.running.keys()].map((id) => this.stop(id).catch(() => {})));
+    await Promise.all(this.releasing.values());
   }
 }

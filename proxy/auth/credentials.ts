@@ -23,15 +23,15 @@ export function endpointFromSni(sni: string | undefined | false | null, domain: 
   return LABEL.test(label) ? label : undefined;
 }
 
-/** Splits libpq `options` on unescaped whitespace (backslash escapes, as the server does). */
+/** Splits libpq `options` on unescaped ASCII whitespace, with backslash escapes, as the server does (pg_split_opts). */
 export function splitOptions(options: string): string[] {
   const out: string[] = [];
   let cur = '';
   let any = false;
   for (let i = 0; i < options.length; i++) {
     const ch = options[i]!;
-    if (ch === '\\' && i + 1 < options.length) { cur += options[++i]; any = true; }
-    else if (/\s/.test(ch)) { if (any) out.push(cur); cur = ''; any = false; }
+    if (ch === '\\') { if (i + 1 < options.length) cur += options[++i]; any = true; }
+    else if (/[ \t\n\v\f\r]/.test(ch)) { if (any) out.push(cur); cur = ''; any = false; }
     else { cur += ch; any = true; }
   }
   if (any) out.push(cur);
@@ -46,7 +46,7 @@ export function endpointFromOptions(options: string | undefined): { endpoint?: s
   for (const opt of splitOptions(options)) {
     const m = /^(?:--)?endpoint=(.*)$/.exec(opt);
     if (m) endpoint = m[1]!.toLowerCase();
-    else keep.push(opt.replace(/([\\\s])/g, '\\$1'));
+    else keep.push(opt.replace(/([\\ \t\n\v\f\r])/g, '\\$1'));
   }
   return { endpoint, rest: keep.join(' ') };
 }
