@@ -9,18 +9,21 @@ import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import pg from 'pg';
 import { ensureCerts } from '../certs/index.ts';
 import type { Env } from '../lib/config.ts';
 import { dataRootFor, ensureOwnedDir, findFreePort, findPgBin, initdb, pgRunAs, PostgresProcess } from '../lib/postgres.ts';
 
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
-const TSX = pathToTsx();
 
-function pathToTsx(): string {
-  const req = createRequire(import.meta.url);
-  return 'file://' + req.resolve('tsx');
+/**
+ * The TypeScript loader services run under: tsx, unless `XENON_TS_LOADER` names another
+ * `--import` module (the test harness passes tap's, so coverage of child processes is real).
+ */
+function tsLoader(env: Env): string {
+  if (env.XENON_TS_LOADER) return env.XENON_TS_LOADER;
+  return pathToFileURL(createRequire(import.meta.url).resolve('tsx')).href;
 }
 
 export async function writeJsonAtomic(path: string, value: unknown, mode = 0o600): Promise<void> {
@@ -87,7 +90,7 @@ export interface ServiceProcess {
  */
 export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean): Promise<ServiceProcess> {
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, ['--import', TSX, join(ROOT, mainPath)], {
+    const child = spawn(process.execPath, ['--import', tsLoader(env), join(ROOT, mainPath)], {
       env: { ...env, XENON_EXIT_WITH_PARENT: '1' },
       stdio: ['pipe', 'pipe', 'pipe'],
     });

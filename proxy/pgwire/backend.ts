@@ -11,7 +11,7 @@
  * a programming error; free text in ErrorResponse/NoticeResponse has NULs removed instead, so an
  * error path never throws.
  */
-import { Writer } from 'pg-protocol/dist/buffer-writer.js';
+import { Writer } from 'pg-protocol/dist/buffer-writer';
 import { violation } from './errors.ts';
 
 /**

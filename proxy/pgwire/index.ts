@@ -27,15 +27,15 @@ export { backend, parseErrorFields, BACKEND_MESSAGE_TYPES, AUTH_CODES } from './
 // pg-protocol is CommonJS; Node's cjs-module-lexer exposes its `exports.X = …` as named ESM
 // exports, and TypeScript (NodeNext) types them from the neighbouring .d.ts files.
 /** Frontend message serializers (startup, password, SASL, query, cancel, …) from pg-protocol. */
-export { serialize } from 'pg-protocol/dist/serializer.js';
+export { serialize } from 'pg-protocol/dist/serializer';
 /**
  * Incremental decoder of backend messages (from a compute) from pg-protocol: `parser.parse(chunk, cb)`.
  * Caution: `parse` may later write into a chunk it was given (it compacts leftover bytes into the
  * previous buffer when they fit), so never reuse or forward a chunk after passing it in — pass a
  * copy if the raw bytes are still needed.
  */
-export { Parser } from 'pg-protocol/dist/parser.js';
-export type { MessageCallback } from 'pg-protocol/dist/parser.js';
+export { Parser } from 'pg-protocol/dist/parser';
+export type { MessageCallback } from 'pg-protocol/dist/parser';
 /** Message classes pg-protocol's Parser yields; `DatabaseError` is what an ErrorResponse becomes. */
 export {
   DatabaseError,
@@ -48,8 +48,8 @@ export {
   NotificationResponseMessage,
   RowDescriptionMessage,
   DataRowMessage,
-} from 'pg-protocol/dist/messages.js';
-export type { BackendMessage, MessageName } from 'pg-protocol/dist/messages.js';
+} from 'pg-protocol/dist/messages';
+export type { BackendMessage, MessageName } from 'pg-protocol/dist/messages';
 
 /** Shapes of pg-protocol's SASL authentication messages (plain objects, no exported classes). */
 export interface AuthenticationSASLMessage {

@@ -14,6 +14,9 @@ import { ControlPlaneClient } from '../../wake-compute/client.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..', '..');
 
+/** tap's TypeScript loader when this runs under tap (its `--import` is in our execArgv). */
+const TAP_TS_LOADER = process.execArgv.find((a) => a.includes('@tapjs/typescript'))?.replace(/^--import=/, '');
+
 export interface UpInfo {
   connection_string: string;
   psql: string;
@@ -78,13 +81,19 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     XENON_IDLE_CHECK_MS: '100',
     XENON_PROXY_REPORT_INTERVAL_MS: '200',
     XENON_LOG_LEVEL: 'debug',
+    ...(TAP_TS_LOADER ? { XENON_TS_LOADER: TAP_TS_LOADER } : {}),
     ...extraEnv,
   };
   let child!: ChildProcess;
   let exited!: Promise<number | null>;
   let info!: UpInfo;
   const up = async (): Promise<void> => {
-    child = spawn(process.execPath, [join(ROOT, 'wake-compute/bin/xenon.js'), 'up', '--json'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    // Under tap, the CLI and the services it spawns run under tap's TypeScript loader (not the
+    // bin's tsx) so that their coverage is measured correctly.
+    const args = env.XENON_TS_LOADER
+      ? ['--import', env.XENON_TS_LOADER, join(ROOT, 'wake-compute/cli.ts'), 'up', '--json']
+      : [join(ROOT, 'wake-compute/bin/xenon.js'), 'up', '--json'];
+    child = spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
     exited = new Promise((r) => child.once('exit', (code) => r(code)));
