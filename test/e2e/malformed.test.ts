@@ -15,6 +15,7 @@ import {
   serialize,
 } from '../../proxy/pgwire/index.ts';
 import { startTestStack, waitFor, type TestStack } from '../helpers/stack.ts';
+import { prng } from '../helpers/prng.ts';
 
 /** The proxy's startup timeout in this test (XENON_PROXY_STARTUP_TIMEOUT_MS). */
 const STARTUP_TIMEOUT_MS = 1_000;
@@ -50,17 +51,6 @@ function startupOfSize(size: number): Buffer {
   return pkt;
 }
 
-/** mulberry32: a small seeded PRNG, so every run sends the same "random" garbage. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function garbage(rand: () => number, n: number): Buffer {
   const b = Buffer.alloc(n);

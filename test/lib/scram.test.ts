@@ -2,7 +2,6 @@
  * lib/scram.ts: secrets must be exactly what Postgres stores and what real clients (node-postgres'
  * SCRAM implementation, libpq) derive from a password.
  */
-import { createRequire } from 'node:module';
 import t, { type Test } from 'tap';
 import {
   DEFAULT_ITERATIONS,
@@ -16,22 +15,10 @@ import {
   xor,
   type ScramSecret,
 } from '../../lib/scram.ts';
+import { pgSasl, type PgSaslSession } from '../helpers/pg-sasl.ts';
 
 // ---------------------------------------------------------------- node-postgres' client SCRAM
 
-interface PgSaslSession {
-  mechanism: string;
-  clientNonce: string;
-  response: string;
-  message: string;
-  serverSignature?: string;
-}
-interface PgSasl {
-  startSession(mechanisms: string[], stream?: unknown): PgSaslSession;
-  continueSession(session: PgSaslSession, password: string, serverData: string, stream?: unknown): Promise<void>;
-  finalizeSession(session: PgSaslSession, serverData: string): void;
-}
-const pgSasl = createRequire(import.meta.url)('pg/lib/crypto/sasl.js') as PgSasl;
 
 /**
  * A minimal, independent server side built only from a secret (RFC 5802 §3): checks the pg

@@ -26,6 +26,7 @@ import type {
   ReadyForQueryMessage,
   StartupPacket,
 } from '../../proxy/pgwire/index.ts';
+import { prng } from '../helpers/prng.ts';
 
 // ---------------------------------------------------------------- helpers
 
@@ -444,17 +445,6 @@ t.test('parseErrorFields rejects malformed bodies', async (t) => {
 
 // ---------------------------------------------------------------- fuzz
 
-/** mulberry32: small deterministic PRNG. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 t.test('fuzz: only PgWireError, bounded buffering', async (t) => {
   const rnd = prng(0x5eed_c0de);

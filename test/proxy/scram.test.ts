@@ -2,25 +2,12 @@
  * proxy/auth/scram.ts: the proxy's SCRAM server (with node-postgres' client implementation as the
  * real client) and the ClientKey passthrough client.
  */
-import { createRequire } from 'node:module';
 import t from 'tap';
 import { XenonError } from '../../lib/errors.ts';
 import { hmac, makeScramSecret, sha256, type ScramSecret } from '../../lib/scram.ts';
 import { mockSecret, ScramKeyClient, ScramServerSession, type ScramResult } from '../../proxy/auth/scram.ts';
+import { pgSasl, type PgSaslSession } from '../helpers/pg-sasl.ts';
 
-interface PgSaslSession {
-  mechanism: string;
-  clientNonce: string;
-  response: string;
-  message: string;
-  serverSignature?: string;
-}
-interface PgSasl {
-  startSession(mechanisms: string[], stream?: unknown): PgSaslSession;
-  continueSession(session: PgSaslSession, password: string, serverData: string, stream?: unknown): Promise<void>;
-  finalizeSession(session: PgSaslSession, serverData: string): void;
-}
-const pgSasl = createRequire(import.meta.url)('pg/lib/crypto/sasl.js') as PgSasl;
 
 const b = (s: string): Buffer => Buffer.from(s, 'utf8');
 
