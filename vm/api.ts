@@ -50,6 +50,8 @@ export interface ComputeDriver {
   pids(computeId: string): Promise<number[]>;
   /** Called when a compute exits without being asked to. */
   onUnexpectedExit(cb: (exit: ComputeExit) => void): void;
+  /** Stops a compute a crashed predecessor left running on `dataKey` (no-op when there is none). */
+  reclaim(dataKey: string): Promise<void>;
   /** Deletes the data of `dataKey` (the compute must be stopped). */
   destroyData(dataKey: string): Promise<void>;
   /** Stops every compute. */

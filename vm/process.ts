@@ -7,7 +7,7 @@ import { access, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
-import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, type RunAs } from '../lib/postgres.ts';
+import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, stopStalePostmaster, type RunAs } from '../lib/postgres.ts';
 import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus } from './api.ts';
 import { childPids, createFreezer, type Freezer } from './freezer.ts';
 
@@ -178,6 +178,11 @@ export class ProcessDriver implements ComputeDriver {
 
   onUnexpectedExit(cb: (e: ComputeExit) => void): void {
     this.exitListeners.push(cb);
+  }
+
+  async reclaim(dataKey: string): Promise<void> {
+    if ([...this.running.values()].some((r) => r.dataKey === dataKey)) return; // ours, not stale
+    await stopStalePostmaster(this.dataDir(dataKey));
   }
 
   async destroyData(dataKey: string): Promise<void> {

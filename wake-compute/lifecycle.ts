@@ -67,8 +67,15 @@ export class ComputeManager {
     o.driver.onUnexpectedExit((e) => void this.onComputeExit(e.computeId, e.code));
   }
 
-  /** Marks every endpoint stopped (no compute survives a control-plane restart) and starts the idle policy. */
+  /**
+   * No compute survives a control-plane restart: stop any a crashed predecessor left running,
+   * mark every endpoint stopped, and start the idle policy.
+   */
   async init(): Promise<void> {
+    const { rows } = await this.o.store.pool.query<{ id: string; branch_id: string }>(`SELECT id, branch_id FROM endpoints WHERE state <> 'stopped'`);
+    for (const r of rows) {
+      await this.o.driver.reclaim(r.branch_id).catch((err: Error) => this.o.logger.warn('could not stop a leftover compute', { endpoint: r.id, err }));
+    }
     await this.o.store.pool.query(`UPDATE endpoints SET state = 'stopped' WHERE state <> 'stopped'`);
     this.timer = setInterval(() => this.tick(), this.o.idleCheckIntervalMs);
     this.timer.unref();

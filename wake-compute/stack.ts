@@ -5,7 +5,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createWriteStream, existsSync } from 'node:fs';
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -139,9 +139,42 @@ export interface Stack {
   died: Promise<string>;
 }
 
+/**
+ * One `xenon up` per state directory: a second one would take over the first one's metadata
+ * cluster and computes. The lock file holds the owner's pid; a dead owner's lock is taken over.
+ */
+async function lockStateDir(stateDir: string): Promise<() => Promise<void>> {
+  const path = join(stateDir, 'up.lock');
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      await writeFile(path, `${process.pid}\n`, { flag: 'wx', mode: 0o600 });
+      return () => rm(path, { force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const pid = Number((await readFile(path, 'utf8').catch(() => '')).trim());
+      let alive = false;
+      try { if (pid > 0) { process.kill(pid, 0); alive = true; } } catch { /* gone */ }
+      if (alive) throw new Error(`xenon is already running on ${stateDir} (pid ${pid}); stop it first or use another XENON_STATE_DIR`);
+      await rm(path, { force: true });
+    }
+  }
+  throw new Error(`could not lock ${path}`);
+}
+
 export async function startStack(o: StackOptions): Promise<Stack> {
   const { stateDir, env } = o;
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  const unlock = await lockStateDir(stateDir);
+  try {
+    return await startLocked(o, unlock);
+  } catch (err) {
+    await unlock();
+    throw err;
+  }
+}
+
+async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promise<Stack> {
+  const { stateDir, env } = o;
   const logDir = join(stateDir, 'logs');
   await mkdir(logDir, { recursive: true });
   const certs = await ensureCerts({ stateDir, domain: o.domain });
@@ -157,6 +190,7 @@ export async function startStack(o: StackOptions): Promise<Stack> {
       await s.exited;
     }
     await meta.pg.stop('fast');
+    await unlock();
   };
   try {
     const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain };

@@ -3,7 +3,8 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
-import { psql, ROOT, startTestStack } from '../helpers/stack.ts';
+import { readFileSync } from 'node:fs';
+import { psql, ROOT, startTestStack, waitFor } from '../helpers/stack.ts';
 
 const TAP_TS_LOADER = process.execArgv.find((a) => a.includes('@tapjs/typescript'))?.replace(/^--import=/, '');
 
@@ -78,3 +79,33 @@ t.test('xenon commands against a running stack', async (t) => {
   t.equal(missing.code, 1);
   t.match(missing.stderr, /endpoint ep-no-such-000000 not found/);
 });
+
+t.test('one xenon up per state dir; a crashed control plane\'s compute is reclaimed at the next start', async (t) => {
+  const stack = await startTestStack(t);
+  const second = await xenon(['up', '--json'], stack.env);
+  t.equal(second.code, 1, 'a second xenon up on the same state dir fails');
+  t.match(second.stderr, /already running on .* \(pid \d+\)/);
+  const ok = await psql(stack.psqlConn(), 'CREATE TABLE survivor AS SELECT 42 AS v');
+  t.equal(ok.code, 0, `the first stack is unharmed: ${ok.stderr}`);
+
+  // SIGKILL the control plane: it cannot stop its compute, which is left running.
+  const branch = (await stack.api.getEndpoint(stack.info.endpoint_id)).endpoint.branch_id;
+  const pidFile = join(stack.dirs.data, 'computes', branch, 'pgdata', 'postmaster.pid');
+  const orphan = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
+  const children = readFileSync(`/proc/${stack.child.pid}/task/${stack.child.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
+  const cp = children.find((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('wake-compute/main.ts'));
+  t.ok(cp, 'found the control-plane process');
+  process.kill(cp!, 'SIGKILL');
+  t.equal(await new Promise((r) => stack.child.once('exit', r)), 1, 'xenon up notices and exits 1');
+  t.ok(alive(orphan), 'the compute outlived its control plane');
+
+  await stack.restart();
+  t.ok(await waitFor(() => !alive(orphan), 10_000), 'the next start stopped the leftover compute');
+  const again = await psql(stack.psqlConn(), 'SELECT v FROM survivor');
+  t.equal(again.code, 0, again.stderr);
+  t.equal(again.stdout, '42', 'data intact, served by a fresh compute');
+});
+
+function alive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch { return false; }
+}
