@@ -271,6 +271,8 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
       } catch (err) {
         ctx.end();
         const xe = err instanceof XenonError ? err : undefined;
+        // The compute holds another secret than the one we checked: our copy may be stale.
+        if (xe?.code === 'PROXY_COMPUTE_AUTH_FAILED') deps.cp.invalidateAccess(ref.endpoint, user);
         // Any failure on a cached address earns a fresh wake (the port may even belong to another compute now).
         const retry = (cached && !(err instanceof ComputeError)) || (xe?.retryable ?? false);
         if (!retry || attempt >= config.computeConnectAttempts) throw err;

@@ -24,8 +24,8 @@ export class ConnectionTracker {
       intervalMs: number;
       changeDelayMs?: number;
       logger: Logger;
-      /** Endpoints whose cached addresses the control plane says are stale. */
-      onInvalidate?: (endpoints: string[]) => void;
+      /** What the control plane says the proxy's caches must drop. */
+      onInvalidate?: (inv: { wake: string[]; access: string[] }) => void;
     },
   ) {}
 
@@ -82,7 +82,9 @@ export class ConnectionTracker {
       .reportConnections({ proxy_id: this.opts.proxyId, counts, ttl_seconds: Math.max(1, Math.ceil((this.opts.intervalMs * 3) / 1000)) })
       .then(
         (res) => {
-          if (res?.invalidate?.length) this.opts.onInvalidate?.(res.invalidate);
+          if (res?.invalidate?.length || res?.invalidate_access?.length) {
+            this.opts.onInvalidate?.({ wake: res.invalidate ?? [], access: res.invalidate_access ?? [] });
+          }
           if (this.failing) this.opts.logger.info('connection reports reach the control plane again');
           this.failing = false;
         },

@@ -58,7 +58,10 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     proxyId: config.proxyId,
     intervalMs: config.reportIntervalMs,
     logger: logger.child({ component: 'connections' }),
-    onInvalidate: (endpoints) => { for (const e of endpoints) cp.invalidateWake(e); },
+    onInvalidate: (inv) => {
+      for (const e of inv.wake) cp.invalidateWake(e);
+      for (const e of inv.access) cp.invalidateEndpointAccess(e);
+    },
   });
   tracker.start();
   const cancels = deps.cancels ?? new MemoryCancelMap();

@@ -166,6 +166,8 @@ export interface ConnectionReportResponse {
   ok: true;
   /** Endpoints suspended, stopped or restarted since this proxy's last report: drop cached wake answers. */
   invalidate: string[];
+  /** Endpoints whose roles (secrets) changed since this proxy's last report: drop cached access answers. */
+  invalidate_access: string[];
 }
 
 /** The control plane as the proxy sees it (DESIGN §5). */

@@ -132,10 +132,16 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   const connectionUri = (endpointId: string, role: string, password: string, db: string): string =>
     `postgresql://${encodeURIComponent(role)}:${encodeURIComponent(password)}@${host(endpointId)}:${config.proxyPort}/${encodeURIComponent(db)}?sslmode=verify-full`;
 
+  /** After roles change: the compute first (it must accept the new secret), then the proxies' caches. */
+  async function rolesChanged(branchId: string): Promise<void> {
+    await manager.branchSpecChanged(branchId);
+    for (const e of await store.listEndpoints()) if (e.branch_id === branchId) manager.invalidate(e.id, 'access');
+  }
+
   async function createRole(branchId: string, name: string, password: string, mustBeNew: boolean) {
     const secret = formatScramSecret(makeScramSecret(password));
     const role = await store.upsertRole(branchId, name, secret, mustBeNew);
-    await manager.branchSpecChanged(branchId);
+    await rolesChanged(branchId);
     return role;
   }
 
@@ -279,7 +285,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     const owned = (await store.listDatabases(branch.id)).filter((d) => d.owner_name === params.role);
     if (owned.length) throw badRequest(`role ${params.role} owns databases ${owned.map((d) => d.name).join(', ')}: delete them first`);
     const role = await store.deleteRole(branch.id, params.role!);
-    await manager.branchSpecChanged(branch.id);
+    await rolesChanged(branch.id);
     return { role };
   });
 
@@ -325,8 +331,8 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) throw badRequest(`counts.${k} must be a non-negative integer`);
       counts[k] = v;
     }
-    const invalidate = manager.reportConnections({ proxy_id: b.proxy_id, counts, ttl_seconds: Math.min(b.ttl_seconds, 300) });
-    return { ok: true, invalidate } satisfies ConnectionReportResponse;
+    const inv = manager.reportConnections({ proxy_id: b.proxy_id, counts, ttl_seconds: Math.min(b.ttl_seconds, 300) });
+    return { ok: true, invalidate: inv.wake, invalidate_access: inv.access } satisfies ConnectionReportResponse;
   });
 
   const http = await startHttpServer({ host: config.host, port: config.port, router: r, logger, registry });

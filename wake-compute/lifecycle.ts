@@ -55,8 +55,8 @@ export interface ComputeManagerOptions {
 export class ComputeManager {
   private readonly runtimes = new Map<string, Runtime>();
   private readonly reports = new Map<string, { counts: Record<string, number>; expires: number }>();
-  /** Per proxy: endpoints whose address stopped being valid since its last report. */
-  private readonly invalidations = new Map<string, Set<string>>();
+  /** Per proxy: what its caches must drop since its last report. */
+  private readonly invalidations = new Map<string, { wake: Set<string>; access: Set<string> }>();
   private timer?: NodeJS.Timeout;
   private closing = false;
   readonly counters: LifecycleCounters = { starts: 0, resumes: 0, suspends: 0, stops: 0, startFailures: 0 };
@@ -117,8 +117,8 @@ export class ComputeManager {
     return n;
   }
 
-  /** Records a proxy's counts; returns the endpoints whose cached wake answers it must drop. */
-  reportConnections(report: ConnectionReport): string[] {
+  /** Records a proxy's counts; returns what its caches must drop. */
+  reportConnections(report: ConnectionReport): { wake: string[]; access: string[] } {
     const now = this.now();
     const prev = this.reports.get(report.proxy_id)?.counts ?? {};
     this.reports.set(report.proxy_id, { counts: report.counts, expires: now + report.ttl_seconds * 1000 });
@@ -130,18 +130,21 @@ export class ComputeManager {
       }
     }
     const invalid = this.invalidations.get(report.proxy_id);
-    this.invalidations.set(report.proxy_id, new Set());
-    return invalid ? [...invalid] : [];
+    this.invalidations.set(report.proxy_id, { wake: new Set(), access: new Set() });
+    return { wake: [...(invalid?.wake ?? [])], access: [...(invalid?.access ?? [])] };
   }
 
-  /** The compute's address is no longer good (suspended, stopped, gone): tell every live proxy. */
-  private invalidate(endpointId: string): void {
+  /**
+   * Tell every live proxy to drop cached answers for an endpoint: `wake` when its address is no
+   * longer good (suspended, stopped, gone), `access` when its roles changed.
+   */
+  invalidate(endpointId: string, what: 'wake' | 'access' = 'wake'): void {
     const now = this.now();
     for (const [proxy, r] of this.reports) {
       if (r.expires < now) { this.reports.delete(proxy); this.invalidations.delete(proxy); continue; }
-      let set = this.invalidations.get(proxy);
-      if (!set) this.invalidations.set(proxy, (set = new Set()));
-      set.add(endpointId);
+      let inv = this.invalidations.get(proxy);
+      if (!inv) this.invalidations.set(proxy, (inv = { wake: new Set(), access: new Set() }));
+      inv[what].add(endpointId);
     }
   }
 

@@ -124,3 +124,22 @@ t.test('lifecycle', async (t) => {
     t.equal(postmaster(stack, branch), undefined, 'no postmaster');
   });
 });
+
+t.test('a password reset reaches the proxy within a heartbeat, despite its 4-minute secret cache', async (t) => {
+  const stack = await startTestStack(t); // default access cache TTL (240 s)
+  const { project_id: project, role } = stack.info;
+  const old = stack.info.password;
+  t.same((await query(stack, 'SELECT 1 AS one')).rows, [{ one: 1 }], 'the secret is now cached at the proxy');
+  const fresh = 'a-brand-new-password';
+  await stack.api.createRole(project, 'main', { name: 'helper_role', password: 'helper-password' });
+  const reset = await fetch(`${stack.info.api_url}/v1/projects/${project}/branches/main/roles/${role}/reset_password`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ password: fresh }),
+  });
+  t.equal(reset.status, 200);
+  t.ok(await waitFor(async () => {
+    try { await query(stack, 'SELECT 1', { password: fresh }); return true; } catch { return false; }
+  }, 3_000, 100), 'the new password works within a few heartbeats');
+  const err = await query(stack, 'SELECT 1', { password: old }).then(() => undefined, (e: pg.DatabaseError) => e);
+  t.equal(err?.code, '28P01', 'the old password is refused');
+  t.same((await query(stack, 'SELECT current_user AS u', { user: 'helper_role', password: 'helper-password' })).rows, [{ u: 'helper_role' }], 'a role created while running works');
+});

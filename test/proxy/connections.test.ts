@@ -14,6 +14,7 @@ class RecordingApi {
   delayMs = 0;
   fail = false;
   invalidate: string[] = [];
+  invalidateAccess: string[] = [];
   inFlight = 0;
   maxInFlight = 0;
   async reportConnections(report: ConnectionReport): Promise<ConnectionReportResponse> {
@@ -26,8 +27,10 @@ class RecordingApi {
     }
     if (this.fail) throw new Error('connection refused (test)');
     const invalidate = this.invalidate;
+    const invalidateAccess = this.invalidateAccess;
     this.invalidate = [];
-    return { ok: true, invalidate };
+    this.invalidateAccess = [];
+    return { ok: true, invalidate, invalidate_access: invalidateAccess };
   }
 }
 
@@ -50,16 +53,18 @@ async function until(cond: () => boolean, ms = 1000): Promise<boolean> {
   return cond();
 }
 
-function setup(opts: { intervalMs?: number; changeDelayMs?: number } = {}): { api: RecordingApi; tracker: ConnectionTracker; logger: RecordingLogger; invalidated: string[][] } {
+type Invalidation = { wake: string[]; access: string[] };
+
+function setup(opts: { intervalMs?: number; changeDelayMs?: number } = {}): { api: RecordingApi; tracker: ConnectionTracker; logger: RecordingLogger; invalidated: Invalidation[] } {
   const api = new RecordingApi();
   const logger = new RecordingLogger();
-  const invalidated: string[][] = [];
+  const invalidated: Invalidation[] = [];
   const tracker = new ConnectionTracker(api, {
     proxyId: 'proxy-1',
     intervalMs: opts.intervalMs ?? 60_000,
     changeDelayMs: opts.changeDelayMs ?? 10,
     logger,
-    onInvalidate: (eps) => invalidated.push(eps),
+    onInvalidate: (inv) => invalidated.push(inv),
   });
   return { api, tracker, logger, invalidated };
 }
@@ -146,14 +151,17 @@ t.test('an endpoint that went to zero and back before the report is reported wit
   t.same(api.reports[1]!.counts, { 'ep-a': 1 });
 });
 
-t.test('onInvalidate is called with the invalidate list from the response', async (t) => {
+t.test('onInvalidate is called with the invalidate lists from the response', async (t) => {
   const { api, tracker, invalidated } = setup();
   t.teardown(() => tracker.stop());
   api.invalidate = ['ep-x', 'ep-y'];
   await tracker.report();
-  t.same(invalidated, [['ep-x', 'ep-y']]);
-  await tracker.report(); // empty list: not called
-  t.same(invalidated, [['ep-x', 'ep-y']]);
+  t.same(invalidated, [{ wake: ['ep-x', 'ep-y'], access: [] }]);
+  await tracker.report(); // empty lists: not called
+  t.same(invalidated, [{ wake: ['ep-x', 'ep-y'], access: [] }]);
+  api.invalidateAccess = ['ep-z'];
+  await tracker.report();
+  t.same(invalidated[1], { wake: [], access: ['ep-z'] }, 'access invalidations too');
 });
 
 t.test('a failing API does not throw out of report(); logged once, recovery logged', async (t) => {
@@ -167,7 +175,7 @@ t.test('a failing API does not throw out of report(); logged once, recovery logg
   api.fail = false;
   api.invalidate = ['ep-z'];
   await tracker.report();
-  t.same(invalidated, [['ep-z']]);
+  t.same(invalidated, [{ wake: ['ep-z'], access: [] }]);
   t.ok(logger.records.some((r) => r.level === 'info' && /again/.test(r.msg)), 'recovery logged');
   t.same(api.reports.at(-1)!.counts, { 'ep-a': 1 });
   // a failing early report (timer path) does not produce an unhandled rejection either

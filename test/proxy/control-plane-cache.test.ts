@@ -43,7 +43,7 @@ class FakeControlPlane implements ControlPlaneApi {
   }
 
   async reportConnections(_r: ConnectionReport): Promise<ConnectionReportResponse> {
-    return { ok: true, invalidate: [] };
+    return { ok: true, invalidate: [], invalidate_access: [] };
   }
 }
 
@@ -241,4 +241,23 @@ t.test('invalidateAccess drops one (endpoint, role)', async (t) => {
   await cp.getEndpointAccess('ep-a', 'alice');
   await cp.getEndpointAccess('ep-a', 'bob');
   t.same(api.accessCalls, ['ep-a/alice', 'ep-a/bob', 'ep-a/alice']);
+});
+
+t.test('invalidateEndpointAccess drops every role of one endpoint, not of others', async (t) => {
+  const { api, cp } = setup();
+  for (const [e, r] of [['ep-a', 'alice'], ['ep-a', 'bob'], ['ep-b', 'alice']] as const) await cp.getEndpointAccess(e, r);
+  cp.invalidateEndpointAccess('ep-a');
+  for (const [e, r] of [['ep-a', 'alice'], ['ep-a', 'bob'], ['ep-b', 'alice']] as const) await cp.getEndpointAccess(e, r);
+  t.same(api.accessCalls, ['ep-a/alice', 'ep-a/bob', 'ep-b/alice', 'ep-a/alice', 'ep-a/bob']);
+});
+
+t.test('an answer in flight when an invalidation arrives is returned but not cached', async (t) => {
+  const { api, cp } = setup();
+  api.accessDelayMs = 50;
+  const pending = cp.getEndpointAccess('ep-a', 'alice');
+  await sleep(10);
+  cp.invalidateEndpointAccess('ep-a'); // e.g. the password changed meanwhile
+  t.equal((await pending)?.endpoint_id, 'ep-a', 'the caller still gets its answer');
+  await cp.getEndpointAccess('ep-a', 'alice');
+  t.equal(api.accessCalls.length, 2, 'the possibly stale answer was not cached');
 });
