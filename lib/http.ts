@@ -82,6 +82,8 @@ export class Router {
       const xe = asXenonError(err);
       if (xe.kind === 'service') logger?.error('request failed', { err: xe, cause: xe.cause, path: req.url });
       else logger?.debug('request rejected', { code: xe.code, path: req.url });
+      // A body we stopped reading (too large) would jam a keep-alive connection: close it.
+      if (!req.complete) res.setHeader('connection', 'close');
       if (!res.headersSent) sendJson(res, xe.httpStatus, xe.toJSON());
       else res.destroy();
     }

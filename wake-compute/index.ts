@@ -56,15 +56,21 @@ function obj(body: unknown): Record<string, unknown> {
 function badRequest(msg: string): XenonError {
   return new XenonError('CP_BAD_REQUEST', msg, { userMessage: msg });
 }
-function optName(b: Record<string, unknown>, key: string): string | undefined {
+/** Names Postgres itself reserves (or the control plane uses), by kind. */
+const RESERVED = {
+  role: new Set(['public', 'none', 'current_user', 'session_user', 'current_role', ADMIN_ROLE]),
+  database: new Set(['postgres', 'template0', 'template1']),
+} as const;
+
+function optName(b: Record<string, unknown>, key: string, kind: keyof typeof RESERVED): string | undefined {
   const v = b[key];
   if (v === undefined || v === null) return undefined;
   if (typeof v !== 'string' || !NAME_RE.test(v)) throw badRequest(`${key} must be a name of letters, digits, _ or - (at most 63 characters, not starting with a digit)`);
-  if (v.startsWith('pg_') || v === ADMIN_ROLE) throw badRequest(`${key} ${JSON.stringify(v)} is reserved`);
+  if (v.startsWith('pg_') || RESERVED[kind].has(v)) throw badRequest(`${key} ${JSON.stringify(v)} is reserved`);
   return v;
 }
-function reqName(b: Record<string, unknown>, key: string): string {
-  const v = optName(b, key);
+function reqName(b: Record<string, unknown>, key: string, kind: keyof typeof RESERVED): string {
+  const v = optName(b, key, kind);
   if (v === undefined) throw badRequest(`${key} is required`);
   return v;
 }
@@ -132,18 +138,22 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   const connectionUri = (endpointId: string, role: string, password: string, db: string): string =>
     `postgresql://${encodeURIComponent(role)}:${encodeURIComponent(password)}@${host(endpointId)}:${config.proxyPort}/${encodeURIComponent(db)}?sslmode=verify-full`;
 
-  /** After roles change: the compute first (it must accept the new secret), then the proxies' caches. */
-  async function rolesChanged(branchId: string): Promise<void> {
-    await manager.branchSpecChanged(branchId);
+  /**
+   * Changes a branch's roles or databases: the metadata and the running compute together (the
+   * change rolls back when the compute refuses it); then proxies drop their cached secrets.
+   */
+  async function changeBranch<T>(branchId: string, change: (tx: MetadataStore) => Promise<T>): Promise<T> {
+    const out = await store.atomically(async (tx) => {
+      const result = await change(tx);
+      await manager.branchSpecChanged(branchId, tx);
+      return result;
+    });
     for (const e of await store.listEndpoints()) if (e.branch_id === branchId) manager.invalidate(e.id, 'access');
+    return out;
   }
 
-  async function createRole(branchId: string, name: string, password: string, mustBeNew: boolean) {
-    const secret = formatScramSecret(makeScramSecret(password));
-    const role = await store.upsertRole(branchId, name, secret, mustBeNew);
-    await rolesChanged(branchId);
-    return role;
-  }
+  const setRole = (branchId: string, name: string, password: string, mustBeNew: boolean) =>
+    changeBranch(branchId, (tx) => tx.upsertRole(branchId, name, formatScramSecret(makeScramSecret(password)), mustBeNew));
 
   const r = new Router({ maxBody: 1 << 20 });
 
@@ -152,8 +162,8 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   r.post('/v1/projects', async ({ body }): Promise<HttpReply> => {
     const b = obj(body) as Record<string, unknown> & CreateProjectRequest;
     const name = b.name === undefined ? undefined : String(b.name).slice(0, 100);
-    const roleName = optName(b, 'role_name') ?? 'neondb_owner';
-    const dbName = optName(b, 'database_name') ?? 'neondb';
+    const roleName = optName(b, 'role_name', 'role') ?? 'neondb_owner';
+    const dbName = optName(b, 'database_name', 'database') ?? 'neondb';
     const password = optPassword(b, 'role_password') ?? generatePassword();
     const suspend = optSeconds(b, 'suspend_timeout_seconds') ?? config.defaultSuspendTimeoutSeconds;
     const stop = optSeconds(b, 'stop_timeout_seconds') ?? config.defaultStopTimeoutSeconds;
@@ -270,22 +280,21 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   }));
   r.post('/v1/projects/:project/branches/:branch/roles', async ({ params, body }) => {
     const b = obj(body) as Record<string, unknown> & CreateRoleRequest;
-    const name = reqName(b, 'name');
+    const name = reqName(b, 'name', 'role');
     const password = optPassword(b, 'password') ?? generatePassword();
-    const role = await createRole((await branchOf(params)).id, name, password, true);
+    const role = await setRole((await branchOf(params)).id, name, password, true);
     return new HttpReply(201, { role, password });
   });
   r.post('/v1/projects/:project/branches/:branch/roles/:role/reset_password', async ({ params, body }) => {
     const password = optPassword(obj(body), 'password') ?? generatePassword();
-    const role = await createRole((await branchOf(params)).id, params.role!, password, false);
+    const role = await setRole((await branchOf(params)).id, params.role!, password, false);
     return { role, password };
   });
   r.delete('/v1/projects/:project/branches/:branch/roles/:role', async ({ params }) => {
     const branch = await branchOf(params);
     const owned = (await store.listDatabases(branch.id)).filter((d) => d.owner_name === params.role);
     if (owned.length) throw badRequest(`role ${params.role} owns databases ${owned.map((d) => d.name).join(', ')}: delete them first`);
-    const role = await store.deleteRole(branch.id, params.role!);
-    await rolesChanged(branch.id);
+    const role = await changeBranch(branch.id, (tx) => tx.deleteRole(branch.id, params.role!));
     return { role };
   });
 
@@ -294,14 +303,14 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   r.post('/v1/projects/:project/branches/:branch/databases', async ({ params, body }) => {
     const b = obj(body) as Record<string, unknown> & CreateDatabaseRequest;
     const branch = await branchOf(params);
-    const database = await store.createDatabase(branch.id, reqName(b, 'name'), reqName(b, 'owner_name'));
-    await manager.branchSpecChanged(branch.id);
+    const name = reqName(b, 'name', 'database');
+    const owner = reqName(b, 'owner_name', 'role');
+    const database = await changeBranch(branch.id, (tx) => tx.createDatabase(branch.id, name, owner));
     return new HttpReply(201, { database });
   });
   r.delete('/v1/projects/:project/branches/:branch/databases/:database', async ({ params }) => {
     const branch = await branchOf(params);
-    const database = await store.deleteDatabase(branch.id, params.database!);
-    await manager.branchSpecChanged(branch.id);
+    const database = await changeBranch(branch.id, (tx) => tx.deleteDatabase(branch.id, params.database!));
     return { database };
   });
 

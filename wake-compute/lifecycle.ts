@@ -199,14 +199,14 @@ export class ComputeManager {
     await this.setState(rt, 'starting');
     await this.o.store.recordEvent(rt.id, 'start');
     this.counters.starts++;
+    let branchRow: Awaited<ReturnType<MetadataStore['branchById']>>;
     try {
-      const branch = await this.o.store.branchById(row.branch_id);
+      const branch = (branchRow = await this.o.store.branchById(row.branch_id));
       if (!(await this.o.driver.hasData(branch.id))) {
         this.o.logger.warn('no data for branch; initialising on the wake path', { endpoint: rt.id, branch: branch.id });
         await this.o.driver.prepare(branch.id, { user: ADMIN_ROLE, password: branch.admin_password });
       }
       rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });
-      await this.applySpecIfChanged(rt.id, branch.id, branch.admin_password, branch.spec_applied);
     } catch (err) {
       this.counters.startFailures++;
       this.o.logger.error('compute start failed', { endpoint: rt.id, err });
@@ -216,6 +216,12 @@ export class ComputeManager {
       await this.setState(rt, 'stopped');
       throw err instanceof XenonError && err.kind === 'compute' ? err : new XenonError('CP_COMPUTE_START_FAILED', (err as Error).message, { cause: err });
     }
+    // Roles and databases changed while it slept. A change the compute refuses is logged and
+    // retried at the next start; it does not keep the endpoint from serving everyone else.
+    await this.applySpecIfChanged(rt.id, branchRow.id, branchRow.admin_password, branchRow.spec_applied, this.o.store).catch(async (err: Error) => {
+      this.o.logger.error('could not apply roles/databases to the compute', { endpoint: rt.id, err });
+      await this.o.store.recordEvent(rt.id, 'spec_failed', err.message.slice(0, 2000)).catch(() => {});
+    });
     rt.lastActive = this.now();
     await this.setState(rt, 'active', t0);
     await this.o.store.recordEvent(rt.id, 'started', `${this.now() - t0} ms`);
@@ -308,15 +314,15 @@ export class ComputeManager {
   }
 
   /** Roles and databases of a branch as the compute must have them; its hash decides whether to apply. */
-  private async branchSpec(branchId: string): Promise<{ hash: string; roles: { name: string; scram_secret: string }[]; dbs: { name: string; owner_name: string }[] }> {
-    const roles = (await this.o.store.listRoles(branchId)).map((r) => ({ name: r.name, scram_secret: r.scram_secret }));
-    const dbs = (await this.o.store.listDatabases(branchId)).map((d) => ({ name: d.name, owner_name: d.owner_name }));
+  private async branchSpec(store: MetadataStore, branchId: string): Promise<{ hash: string; roles: { name: string; scram_secret: string }[]; dbs: { name: string; owner_name: string }[] }> {
+    const roles = (await store.listRoles(branchId)).map((r) => ({ name: r.name, scram_secret: r.scram_secret }));
+    const dbs = (await store.listDatabases(branchId)).map((d) => ({ name: d.name, owner_name: d.owner_name }));
     const hash = createHash('sha256').update(JSON.stringify({ roles, dbs })).digest('hex');
     return { hash, roles, dbs };
   }
 
-  private async applySpecIfChanged(endpointId: string, branchId: string, adminPassword: string, applied: string | null): Promise<void> {
-    const spec = await this.branchSpec(branchId);
+  private async applySpecIfChanged(endpointId: string, branchId: string, adminPassword: string, applied: string | null, store: MetadataStore): Promise<void> {
+    const spec = await this.branchSpec(store, branchId);
     if (spec.hash === applied) return;
     const addr = this.runtimes.get(endpointId)?.address;
     if (!addr) return;
@@ -347,18 +353,21 @@ export class ComputeManager {
       }
       const wanted = new Set(spec.roles.map((r) => r.name));
       for (const [name, managed] of have) {
-        if (managed && !wanted.has(name)) await c.query(`DROP ROLE IF EXISTS ${quoteIdent(name)}`).catch((err: Error) =>
-          this.o.logger.warn('could not drop role removed from the spec', { endpoint: endpointId, role: name, err }));
+        if (managed && !wanted.has(name)) await c.query(`DROP ROLE IF EXISTS ${quoteIdent(name)}`);
       }
     } finally {
       await c.end().catch(() => {});
     }
-    await this.o.store.setSpecApplied(branchId, spec.hash);
+    await store.setSpecApplied(branchId, spec.hash);
     this.o.logger.info('compute spec applied', { endpoint: endpointId, ms: this.now() - t0 });
   }
 
-  /** After roles/databases change: apply to the running compute of the branch now (else at its next start). */
-  async branchSpecChanged(branchId: string): Promise<void> {
+  /**
+   * After roles/databases change: apply them to the branch's running compute now (a stopped one
+   * gets them at its next start). Pass the store of the transaction that made the change: when
+   * the compute refuses it (Postgres' own rules), this throws and the change rolls back.
+   */
+  async branchSpecChanged(branchId: string, store: MetadataStore): Promise<void> {
     for (const rt of this.runtimes.values()) {
       if (!rt.address) continue;
       const row = await this.o.store.findEndpoint(rt.id);
@@ -366,8 +375,12 @@ export class ComputeManager {
       await this.withLock(rt, async () => {
         if (this.o.driver.status(rt.id) === 'suspended') await this.doResume(rt);
         if (rt.state !== 'active') return;
-        const branch = await this.o.store.branchById(branchId);
-        await this.applySpecIfChanged(rt.id, branchId, branch.admin_password, branch.spec_applied);
+        const branch = await store.branchById(branchId);
+        await this.applySpecIfChanged(rt.id, branchId, branch.admin_password, branch.spec_applied, store).catch((err: { code?: string; message: string }) => {
+          // Postgres refused it (a reserved name, an object in use, …): a user error, with its words.
+          if (err.code && /^(22|23|42|55|2B)/.test(err.code)) throw new XenonError('CP_BAD_REQUEST', err.message, { userMessage: `the compute refused the change: ${err.message}` });
+          throw err;
+        });
       });
     }
   }

@@ -193,7 +193,10 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
     await unlock();
   };
   try {
-    const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain };
+    // The control plane prints connection strings with the proxy's port: with "any free port"
+    // (0), choose it now so both services know the same one.
+    const proxyPort = env.XENON_PROXY_PORT === '0' ? String(await findFreePort(20000, 29999)) : env.XENON_PROXY_PORT;
+    const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain, ...(proxyPort ? { XENON_PROXY_PORT: proxyPort } : {}) };
     const cp = await spawnService('wake-compute', 'wake-compute/main.ts', { ...baseEnv, DATABASE_URL: env.DATABASE_URL ?? meta.url }, logDir, o.echoLogs);
     services.push(cp);
     const apiUrl = String(cp.ready.url);

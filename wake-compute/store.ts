@@ -87,7 +87,11 @@ export interface BranchRow {
 }
 
 export class MetadataStore {
-  constructor(readonly pool: pg.Pool) {}
+  /** `client`: a store whose queries run inside that client's transaction (see {@link atomically}). */
+  constructor(
+    readonly pool: pg.Pool,
+    private readonly client?: pg.PoolClient,
+  ) {}
 
   static async connect(databaseUrl: string): Promise<MetadataStore> {
     const pool = new pg.Pool({ connectionString: databaseUrl, max: 10, idleTimeoutMillis: 30_000 });
@@ -140,9 +144,17 @@ export class MetadataStore {
     }
   }
 
+  /**
+   * Runs `fn` with a store bound to one transaction: everything it does commits together, or
+   * nothing does when it throws.
+   */
+  atomically<T>(fn: (store: MetadataStore) => Promise<T>): Promise<T> {
+    return this.tx((c) => fn(new MetadataStore(this.pool, c)));
+  }
+
   private async q<R extends pg.QueryResultRow>(text: string, values: unknown[] = []): Promise<R[]> {
     try {
-      return (await this.pool.query<R>(text, values)).rows;
+      return (await (this.client ?? this.pool).query<R>(text, values)).rows;
     } catch (err) {
       throw translatePgError(err);
     }

@@ -143,3 +143,23 @@ t.test('a password reset reaches the proxy within a heartbeat, despite its 4-min
   t.equal(err?.code, '28P01', 'the old password is refused');
   t.same((await query(stack, 'SELECT current_user AS u', { user: 'helper_role', password: 'helper-password' })).rows, [{ u: 'helper_role' }], 'a role created while running works');
 });
+
+t.test('a change the compute refuses is rolled back and explained', async (t) => {
+  const stack = await startTestStack(t);
+  const { project_id: project } = stack.info;
+  await stack.api.createRole(project, 'main', { name: 'owner_of_things', password: 'things-password' });
+  await query(stack, 'GRANT CREATE ON SCHEMA public TO owner_of_things'); // as the database owner
+  await query(stack, 'CREATE TABLE things (id int)', { user: 'owner_of_things', password: 'things-password' });
+  const res = await fetch(`${stack.info.api_url}/v1/projects/${project}/branches/main/roles/owner_of_things`, { method: 'DELETE' });
+  t.equal(res.status, 400);
+  const body = (await res.json()) as { error: { code: string; message: string } };
+  t.equal(body.error.code, 'CP_BAD_REQUEST');
+  t.match(body.error.message, /the compute refused the change: role "owner_of_things" cannot be dropped because some objects depend on it/);
+  t.ok((await stack.api.listRoles(project, 'main')).roles.some((r) => r.name === 'owner_of_things'), 'the role is still in the metadata');
+  t.same((await query(stack, 'SELECT count(*)::int AS n FROM things', { user: 'owner_of_things', password: 'things-password' })).rows, [{ n: 0 }], 'and can still log in');
+  // The endpoint keeps starting normally afterwards.
+  await stack.api.endpointAction(stack.info.endpoint_id, 'stop');
+  t.same((await query(stack, 'SELECT 1 AS one')).rows, [{ one: 1 }]);
+  const events = (await stack.api.endpointEvents(stack.info.endpoint_id)).events.map((e) => e.event);
+  t.notOk(events.includes('spec_failed'), 'nothing left half-applied');
+});
