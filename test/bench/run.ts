@@ -41,6 +41,21 @@ function postmasterPort(stack: TestStack, branch: string): number {
   return Number(readFileSync(join(stack.dirs.data, 'computes', branch, 'pgdata', 'postmaster.pid'), 'utf8').split('\n')[3]);
 }
 
+/** utime + stime of a process, in microseconds (clock ticks are 100 Hz on Linux). */
+function cpuMicros(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) * 10_000;
+}
+
+/** The proxy's pid: the child of `xenon up` running proxy/main.ts. */
+function proxyPid(stack: TestStack): number {
+  const kids = readFileSync(`/proc/${stack.child.pid}/task/${stack.child.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
+  const pid = kids.find((k) => readFileSync(`/proc/${k}/cmdline`, 'utf8').includes('proxy/main.ts'));
+  if (!pid) throw new Error('proxy process not found');
+  return pid;
+}
+
 function pgbench(args: string[], env: NodeJS.ProcessEnv): Promise<{ tps: number; latency: number; failed: number; out: string }> {
   const bin = join(findPgBin(process.env), 'pgbench');
   return new Promise((resolve, reject) => {
@@ -104,7 +119,10 @@ async function main(): Promise<void> {
   const computePort = postmasterPort(stack, branch);
   const bench = ['-S', '-c', '16', '-j', '2', '-T', String(PGBENCH_SECONDS), '-n'];
   const direct = await pgbench([...bench, conn('127.0.0.1', computePort, false)], pw);
+  const pid = proxyPid(stack);
+  const cpu0 = cpuMicros(pid);
   const proxied = await pgbench([...bench, conn('127.0.0.1', stack.info.proxy_port, true)], pw);
+  const proxyCpuPerTx = (cpuMicros(pid) - cpu0) / (proxied.tps * PGBENCH_SECONDS);
 
   const out: string[] = [];
   out.push('| measure | runs | median ms | p99 ms |', '|---|---|---|---|');
@@ -114,6 +132,7 @@ async function main(): Promise<void> {
   out.push(`| direct to the compute (TLS) | ${direct.tps.toFixed(0)} | ${direct.latency.toFixed(3)} | ${direct.failed} |`);
   out.push(`| through the proxy (TLS, pipe mode) | ${proxied.tps.toFixed(0)} | ${proxied.latency.toFixed(3)} | ${proxied.failed} |`);
   out.push('', `proxy / direct TPS: ${(proxied.tps / direct.tps).toFixed(3)}`);
+  out.push(`proxy CPU per transaction (one query round trip, TLS to the client): ${proxyCpuPerTx.toFixed(1)} µs`);
   process.stdout.write(out.join('\n') + '\n');
 }
 
