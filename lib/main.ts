@@ -9,8 +9,13 @@ export interface Running {
   logger: Logger;
   close(): Promise<void>;
   ready: Record<string, unknown>;
+  exitWithParent: boolean;
 }
 
+/**
+ * `exitWithParent`: stop when stdin closes — set by `xenon up` (XENON_EXIT_WITH_PARENT=1) so that
+ * its children stop rather than orphan computes when it dies.
+ */
 export async function runMain(service: string, start: () => Promise<Running>): Promise<void> {
   let running: Running;
   try {
@@ -40,8 +45,7 @@ export async function runMain(service: string, start: () => Promise<Running>): P
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
-  // The parent (`xenon up`) going away closes our stdin pipe: stop rather than orphan computes.
-  if (process.env.XENON_EXIT_WITH_PARENT === '1') {
+  if (running.exitWithParent) {
     process.stdin.on('end', () => stop('parent exited'));
     process.stdin.on('error', () => stop('parent exited'));
     process.stdin.resume();

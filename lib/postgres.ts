@@ -11,7 +11,7 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, cpSync, createWriteStream, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
+import { chmodSync, cpSync, createWriteStream, type WriteStream, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join, relative } from 'node:path';
@@ -231,8 +231,24 @@ export class PostgresProcess {
     readonly child: ChildProcess,
     readonly port: number,
     readonly dataDir: string,
+    log: WriteStream,
   ) {
-    this.exited = new Promise((resolve) => child.once('exit', (code) => { this.exitCode = code; resolve(); }));
+    // Exited = the postmaster is gone and its last log lines are in the file. Backends orphaned by
+    // a killed postmaster can hold stderr open a little longer: wait for that at most a second.
+    const drained = new Promise<void>((r) => child.stderr!.once('close', () => r()));
+    this.exited = new Promise((resolve) =>
+      child.once('exit', (code) => {
+        this.exitCode = code;
+        const timer = setTimeout(finish, 1_000);
+        function finish(): void {
+          clearTimeout(timer);
+          if (log.closed) return resolve(); // a log file that failed earlier
+          log.once('close', () => resolve());
+          log.end();
+        }
+        void drained.then(finish);
+      }),
+    );
   }
 
   get pid(): number {
@@ -269,9 +285,9 @@ export class PostgresProcess {
       env: { PATH: process.env.PATH, LANG: 'C', LC_ALL: 'C', TZ: process.env.TZ ?? 'UTC' },
       detached: true, // its own process group: a Ctrl-C on the terminal reaches us, and we stop it cleanly
     });
-    const pg = new PostgresProcess(child, opts.port, opts.dataDir);
     const log = createWriteStream(opts.logFile, { flags: 'a' });
     log.on('error', () => { /* a broken log file must not take the compute down */ });
+    const pg = new PostgresProcess(child, opts.port, opts.dataDir, log);
     let tail = '';
     let ready = false;
     await new Promise<void>((resolve, reject) => {
@@ -292,7 +308,6 @@ export class PostgresProcess {
       child.stderr!.on('error', () => {});
       child.once('error', (err) => { clearTimeout(timer); reject(new XenonError('CP_COMPUTE_START_FAILED', `spawn postgres: ${err.message}`, { cause: err })); });
       child.once('exit', (code, sig) => {
-        log.end();
         if (ready) return;
         clearTimeout(timer);
         reject(new XenonError('CP_COMPUTE_START_FAILED', `postgres exited with ${code ?? sig} before it was ready: ${tail.slice(-1500)}`));

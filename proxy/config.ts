@@ -28,6 +28,8 @@ export interface ProxyConfig {
   /** Key for the per-(endpoint, role) salts of mock secrets; random per process by default. */
   readonly mockSecretKey: Buffer;
   readonly logLevel: LogLevel;
+  /** Stop when stdin closes (set by `xenon up` for its children). */
+  readonly exitWithParent: boolean;
 }
 
 export function loadProxyConfig(env: Env = process.env, argv: readonly string[] = process.argv.slice(2)): ProxyConfig {
@@ -55,5 +57,6 @@ export function loadProxyConfig(env: Env = process.env, argv: readonly string[] 
     proxyId: c.string('XENON_PROXY_ID', `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`),
     mockSecretKey: mock ? Buffer.from(mock, 'utf8') : randomBytes(32),
     logLevel: c.logLevel(),
+    exitWithParent: c.bool('XENON_EXIT_WITH_PARENT', false),
   });
 }

@@ -98,6 +98,7 @@ export function connectCompute(o: ConnectComputeOptions): Promise<ComputeSession
             socket.removeAllListeners('data');
             socket.removeAllListeners('error');
             socket.removeAllListeners('close');
+            socket.on('error', () => { /* until the pipe takes over; it closes both sides on error */ });
             socket.pause();
             resolve({ socket, parameters, processId: key?.processID ?? 0, secretKey: key?.secretKey ?? 0 });
             break;

@@ -8,7 +8,7 @@
 import type { Socket } from 'node:net';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import { asXenonError, XenonError } from '../lib/errors.ts';
-import { delay } from '../lib/postgres.ts';
+import { setTimeout as delay } from 'node:timers/promises';
 import { parseScramSecret } from '../lib/scram.ts';
 import { endpointFromOptions, endpointFromSni, resolveEndpoint } from './auth/credentials.ts';
 import { mockSecret, SCRAM_SHA_256, ScramServerSession } from './auth/scram.ts';
@@ -135,6 +135,11 @@ class ClientConn {
     return typeof sni === 'string' ? sni : undefined;
   }
 
+  /** The client is gone, or we are closing it after an error. */
+  get closed(): boolean {
+    return this.gone || this.failed || this.socket.destroyed;
+  }
+
   /** Stops reading (bytes stay in the kernel until the pipe starts) and returns what was already read. */
   detach(): Buffer {
     this.socket.pause();
@@ -244,6 +249,8 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     }
     conn.write(backend.authenticationSASLFinal(result.serverFinal));
     ctx.end();
+    // Authenticated: from here wake and connect are bounded by their own timeouts and retries.
+    clearTimeout(timer);
 
     // ---- wake and connect (re-wake when a cached address fails)
     deps.tracker.inc(ref.endpoint);
@@ -273,8 +280,9 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
         const xe = err instanceof XenonError ? err : undefined;
         // The compute holds another secret than the one we checked: our copy may be stale.
         if (xe?.code === 'PROXY_COMPUTE_AUTH_FAILED') deps.cp.invalidateAccess(ref.endpoint, user);
-        // Any failure on a cached address earns a fresh wake (the port may even belong to another compute now).
-        const retry = (cached && !(err instanceof ComputeError)) || (xe?.retryable ?? false);
+        // Any failure on a cached address earns a fresh wake (the port may even belong to another
+        // compute now) — except a secret mismatch, which another wake cannot fix.
+        const retry = (cached && !(err instanceof ComputeError) && xe?.code !== 'PROXY_COMPUTE_AUTH_FAILED') || (xe?.retryable ?? false);
         if (!retry || attempt >= config.computeConnectAttempts) throw err;
         deps.cp.invalidateWake(ref.endpoint);
         metrics.computeRetries.inc();
@@ -282,7 +290,12 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
         if (!cached) await delay(Math.min(1_000, 25 * 2 ** attempt));
       }
     }
-    clearTimeout(timer);
+    // The client may have left during a cold start: do not keep a compute session (and a live
+    // connection count, which would keep the endpoint awake) for nobody.
+    if (conn.closed) {
+      session.socket.destroy();
+      throw new ClientGone('client left while its compute was being woken');
+    }
 
     // ---- hand over: the compute's parameters, our cancel key, then bytes
     const key = await allocateCancelKey(deps.cancels);
@@ -300,7 +313,7 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     counted = undefined; // released when the pipe closes
     pipeBoth(conn.socket, session.socket, (r) => {
       deps.tracker.dec(endpoint);
-      void deps.cancels.delete(key.key);
+      void Promise.resolve(deps.cancels.delete(key.key)).catch((err: Error) => ctx.logger.warn('could not forget a cancel key', { err }));
       metrics.sessionsActive.dec();
       metrics.bytes.inc({ direction: 'to_compute' }, r.toCompute);
       metrics.bytes.inc({ direction: 'to_client' }, r.toClient);

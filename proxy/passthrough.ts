@@ -26,6 +26,8 @@ export function pipeBoth(client: Socket, compute: Socket, onClose: (r: PipeResul
   compute.on('error', close);
   client.on('close', close);
   compute.on('close', close);
+  // A side that closed before we got here emits no more events.
+  if (client.destroyed || compute.destroyed) return close();
   client.pipe(compute);
   compute.pipe(client);
 }

@@ -65,6 +65,8 @@ class CgroupFreezer implements Freezer {
       if (s === 'FROZEN') return;
       await delay(1);
     }
+    // Stuck in FREEZING: leave it running rather than half-frozen while we report "not suspended".
+    await writeFile(join(this.dir(id), 'freezer.state'), 'THAWED');
     throw new Error(`cgroup ${id} did not reach FROZEN`);
   }
 

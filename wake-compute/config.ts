@@ -25,6 +25,8 @@ export interface ControlPlaneConfig {
   /** Extra `postgresql.conf` settings for every compute, `k=v,k=v`. */
   readonly computeSettings: Readonly<Record<string, string>>;
   readonly logLevel: LogLevel;
+  /** Stop when stdin closes (set by `xenon up` for its children). */
+  readonly exitWithParent: boolean;
 }
 
 export function parseSettings(text: string | undefined): Record<string, string> {
@@ -65,6 +67,7 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
     freezer,
     computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),
     logLevel: c.logLevel(),
+    exitWithParent: c.bool('XENON_EXIT_WITH_PARENT', false),
   });
 }
 

@@ -209,10 +209,14 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   r.delete('/v1/projects/:project', async ({ params }) => {
     const project = await store.getProject(params.project!);
     const endpoints = await store.listEndpoints(project.id);
-    for (const e of endpoints) await manager.stop(e.id);
     const branches = await store.listBranches(project.id);
-    await store.deleteProject(project.id);
-    for (const e of endpoints) manager.forget(e.id);
+    for (const e of endpoints) await manager.retire(e.id);
+    try {
+      await store.deleteProject(project.id);
+    } catch (err) {
+      for (const e of endpoints) manager.unretire(e.id);
+      throw err;
+    }
     for (const b of branches) await driver.destroyData(b.id).catch((err: Error) => logger.warn('could not delete branch data', { branch: b.id, err }));
     return { project };
   });
@@ -254,10 +258,14 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     return { endpoint: epOut(row) };
   });
   r.delete('/v1/endpoints/:endpoint', async ({ params }) => {
-    await manager.stop(params.endpoint!);
-    const row = await store.deleteEndpoint(params.endpoint!);
-    manager.forget(row.id);
-    return { endpoint: epOut(row) };
+    const existing = await store.getEndpoint(params.endpoint!);
+    await manager.retire(existing.id);
+    try {
+      return { endpoint: epOut(await store.deleteEndpoint(existing.id)) };
+    } catch (err) {
+      manager.unretire(existing.id);
+      throw err;
+    }
   });
   r.post('/v1/endpoints/:endpoint/start', async ({ params }) => {
     await manager.wake(params.endpoint!);

@@ -54,6 +54,8 @@ export interface ComputeManagerOptions {
 
 export class ComputeManager {
   private readonly runtimes = new Map<string, Runtime>();
+  /** Deleted endpoints: never started again, even by a wake that read the row before the delete. */
+  private readonly retired = new Set<string>();
   private readonly reports = new Map<string, { counts: Record<string, number>; expires: number }>();
   /** Per proxy: what its caches must drop since its last report. */
   private readonly invalidations = new Map<string, { wake: Set<string>; access: Set<string> }>();
@@ -82,6 +84,7 @@ export class ComputeManager {
   }
 
   private runtime(row: EndpointRow): Runtime {
+    if (this.retired.has(row.id)) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${row.id} was deleted`, { userMessage: `endpoint ${row.id} not found` });
     let rt = this.runtimes.get(row.id);
     if (!rt) {
       rt = { id: row.id, state: 'stopped', lastActive: this.now(), suspendedAt: 0, suspendTimeoutMs: 0, stopTimeoutMs: 0, lock: Promise.resolve() };
@@ -181,6 +184,7 @@ export class ComputeManager {
     if (rt.state === 'active' && rt.address && this.o.driver.status(endpointId) === 'running') return this.info(rt, false);
     if (!rt.wakeInFlight) {
       rt.wakeInFlight = this.withLock(rt, async () => {
+        if (this.retired.has(rt.id)) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${rt.id} was deleted`, { userMessage: `endpoint ${rt.id} not found` });
         if (rt.state === 'active' && this.o.driver.status(endpointId) === 'running') return this.info(rt, false);
         if (rt.state === 'suspended' && this.o.driver.status(endpointId) === 'suspended') {
           await this.doResume(rt);
@@ -328,6 +332,7 @@ export class ComputeManager {
     if (!addr) return;
     const t0 = this.now();
     const c = new pg.Client({ host: addr.host, port: addr.port, user: ADMIN_ROLE, password: adminPassword, database: 'postgres' });
+    c.on('error', () => { /* surfaces as the failing query's rejection */ });
     await c.connect();
     try {
       const have = new Map((await c.query<{ rolname: string; managed: boolean }>(
@@ -335,7 +340,9 @@ export class ComputeManager {
       )).rows.map((r) => [r.rolname, r.managed]));
       for (const r of spec.roles) {
         const verb = have.has(r.name) ? 'ALTER' : 'CREATE';
-        await c.query(`${verb} ROLE ${quoteIdent(r.name)} WITH LOGIN CREATEDB CREATEROLE PASSWORD ${quoteLiteral(r.scram_secret)}`);
+        // No CREATEROLE: up to PG 15 it lets a role grant itself pg_execute_server_program
+        // (COPY … TO PROGRAM runs shell commands on the host).
+        await c.query(`${verb} ROLE ${quoteIdent(r.name)} WITH LOGIN CREATEDB NOCREATEROLE PASSWORD ${quoteLiteral(r.scram_secret)}`);
         await c.query(`COMMENT ON ROLE ${quoteIdent(r.name)} IS ${quoteLiteral(MANAGED)}`);
       }
       const dbs = new Map((await c.query<{ datname: string; managed: boolean }>(
@@ -385,8 +392,17 @@ export class ComputeManager {
     }
   }
 
-  forget(endpointId: string): void {
+  /** Before deleting an endpoint: stop its compute and refuse every later wake of it. */
+  async retire(endpointId: string): Promise<void> {
+    this.retired.add(endpointId);
+    const rt = this.runtimes.get(endpointId);
+    if (rt) await this.withLock(rt, () => this.doStop(rt));
     this.runtimes.delete(endpointId);
+  }
+
+  /** A retire whose delete failed: the endpoint may be woken again. */
+  unretire(endpointId: string): void {
+    this.retired.delete(endpointId);
   }
 
   async close(): Promise<void> {

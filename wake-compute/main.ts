@@ -7,5 +7,5 @@ await runMain('wake-compute', async () => {
   const config = loadControlPlaneConfig();
   const logger = createLogger({ level: config.logLevel, service: 'wake-compute' });
   const cp = await startControlPlane(config, { logger });
-  return { logger, close: () => cp.close(), ready: { url: cp.url } };
+  return { logger, close: () => cp.close(), ready: { url: cp.url }, exitWithParent: config.exitWithParent };
 });

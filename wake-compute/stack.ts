@@ -67,12 +67,16 @@ export async function startMetadataCluster(stateDir: string, env: Env, log: (m: 
   await mkdir(join(stateDir, 'logs'), { recursive: true });
   const proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(stateDir, 'logs', 'metadata-postgres.log'), settings: { max_connections: 50 } });
   const admin = new pg.Client({ host: '127.0.0.1', port, user: 'xenon', password: info.password, database: 'postgres' });
-  await admin.connect();
+  admin.on('error', () => { /* surfaces as the failing query's rejection */ });
   try {
+    await admin.connect();
     const { rowCount } = await admin.query(`SELECT 1 FROM pg_database WHERE datname = 'xenon_control'`);
     if (!rowCount) await admin.query('CREATE DATABASE xenon_control');
+  } catch (err) {
+    await proc.stop('fast'); // do not leave it running behind a failed start
+    throw err;
   } finally {
-    await admin.end();
+    await admin.end().catch(() => {});
   }
   return { pg: proc, url: `postgresql://xenon:${encodeURIComponent(info.password)}@127.0.0.1:${port}/xenon_control` };
 }

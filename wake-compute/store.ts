@@ -101,8 +101,26 @@ export class MetadataStore {
     return store;
   }
 
-  async migrate(): Promise<void> {
+  /**
+   * A pooled client for several statements. `pg` emits 'error' on a checked-out client whose
+   * server went away; without a listener that would crash the process. A client that failed is
+   * released as broken, so the pool discards it.
+   */
+  private async withClient<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
     const c = await this.pool.connect();
+    let broken: Error | undefined;
+    const onError = (err: Error): void => { broken = err; };
+    c.on('error', onError);
+    try {
+      return await fn(c);
+    } finally {
+      c.off('error', onError);
+      c.release(broken);
+    }
+  }
+
+  async migrate(): Promise<void> {
+    await this.withClient(async (c) => {
     try {
       await c.query('SELECT pg_advisory_lock(7243001)');
       await c.query('CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())');
@@ -120,8 +138,8 @@ export class MetadataStore {
       }
     } finally {
       await c.query('SELECT pg_advisory_unlock(7243001)').catch(() => {});
-      c.release();
     }
+    });
   }
 
   async close(): Promise<void> {
@@ -130,18 +148,17 @@ export class MetadataStore {
 
   /** Runs `fn` in a transaction. */
   async tx<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-    const c = await this.pool.connect();
-    try {
-      await c.query('BEGIN');
-      const out = await fn(c);
-      await c.query('COMMIT');
-      return out;
-    } catch (err) {
-      await c.query('ROLLBACK').catch(() => {});
-      throw translatePgError(err);
-    } finally {
-      c.release();
-    }
+    return this.withClient(async (c) => {
+      try {
+        await c.query('BEGIN');
+        const out = await fn(c);
+        await c.query('COMMIT');
+        return out;
+      } catch (err) {
+        await c.query('ROLLBACK').catch(() => {});
+        throw translatePgError(err);
+      }
+    });
   }
 
   /**

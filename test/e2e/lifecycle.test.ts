@@ -163,3 +163,26 @@ t.test('a change the compute refuses is rolled back and explained', async (t) =>
   const events = (await stack.api.endpointEvents(stack.info.endpoint_id)).events.map((e) => e.event);
   t.notOk(events.includes('spec_failed'), 'nothing left half-applied');
 });
+
+t.test('no escalation: roles cannot grant themselves server-program rights; a client leaving mid-wake leaves nothing behind', async (t) => {
+  const stack = await startTestStack(t);
+  const ep = stack.info.endpoint_id;
+  const err = await query(stack, 'GRANT pg_execute_server_program TO CURRENT_USER').then(() => undefined, (e: pg.DatabaseError) => e);
+  t.equal(err?.code, '42501', 'permission denied');
+  const copy = await query(stack, `COPY (SELECT 1) TO PROGRAM 'true'`).then(() => undefined, (e: pg.DatabaseError) => e);
+  t.equal(copy?.code, '42501', 'COPY TO PROGRAM is refused');
+
+  await stack.api.endpointAction(ep, 'stop');
+  await new Promise((r) => setTimeout(r, 300));
+  // Authenticate, then vanish while the proxy is waking the compute.
+  const c = new pg.Client(stack.pgConfig());
+  // An abrupt TCP reset (not a clean close) on the socket under pg's TLS stream.
+  const conn = (c as unknown as { connection: { once(e: string, f: () => void): void; stream: { _parent: { resetAndDestroy(): void } } } }).connection;
+  conn.once('authenticationSASLFinal', () => conn.stream._parent.resetAndDestroy());
+  c.on('error', () => {});
+  await c.connect().catch(() => {});
+  t.ok(await waitFor(async () => (await stack.api.getEndpoint(ep)).endpoint.state === 'active', 10_000), 'the wake itself completed');
+  t.ok(await waitFor(async () => (await stack.api.getEndpoint(ep)).endpoint.connections === 0, 5_000), 'no live connection is left counted');
+  const { rows } = await query(stack, `SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = current_user AND pid <> pg_backend_pid()`);
+  t.same(rows, [{ n: 0 }], 'no compute session was kept for the departed client');
+});
