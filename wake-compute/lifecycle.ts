@@ -33,14 +33,6 @@ interface Runtime {
   wakeInFlight?: Promise<ComputeInfo>;
 }
 
-export interface LifecycleCounters {
-  starts: number;
-  resumes: number;
-  suspends: number;
-  stops: number;
-  startFailures: number;
-}
-
 export interface ComputeManagerOptions {
   store: MetadataStore;
   driver: ComputeDriver;
@@ -61,7 +53,6 @@ export class ComputeManager {
   private readonly invalidations = new Map<string, { wake: Set<string>; access: Set<string> }>();
   private timer?: NodeJS.Timeout;
   private closing = false;
-  readonly counters: LifecycleCounters = { starts: 0, resumes: 0, suspends: 0, stops: 0, startFailures: 0 };
   private readonly now: () => number;
 
   constructor(private readonly o: ComputeManagerOptions) {
@@ -202,7 +193,6 @@ export class ComputeManager {
     if (this.o.driver.status(rt.id) !== 'stopped') await this.o.driver.stop(rt.id);
     await this.setState(rt, 'starting');
     await this.o.store.recordEvent(rt.id, 'start');
-    this.counters.starts++;
     let branchRow: Awaited<ReturnType<MetadataStore['branchById']>>;
     try {
       const branch = (branchRow = await this.o.store.branchById(row.branch_id));
@@ -212,7 +202,6 @@ export class ComputeManager {
       }
       rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });
     } catch (err) {
-      this.counters.startFailures++;
       this.o.logger.error('compute start failed', { endpoint: rt.id, err });
       await this.o.store.recordEvent(rt.id, 'start_failed', (err as Error).message.slice(0, 2000)).catch(() => {});
       await this.o.driver.stop(rt.id).catch(() => {});
@@ -235,7 +224,6 @@ export class ComputeManager {
   private async doResume(rt: Runtime): Promise<void> {
     const t0 = this.now();
     await this.o.driver.resume(rt.id);
-    this.counters.resumes++;
     rt.lastActive = this.now();
     await this.setState(rt, 'active', t0);
     await this.o.store.recordEvent(rt.id, 'resume');
@@ -246,7 +234,6 @@ export class ComputeManager {
     if (rt.state !== 'active' || this.o.driver.status(rt.id) !== 'running') return;
     await this.o.driver.suspend(rt.id);
     this.invalidate(rt.id);
-    this.counters.suspends++;
     rt.suspendedAt = this.now();
     await this.setState(rt, 'suspended');
     await this.o.store.recordEvent(rt.id, 'suspend');
@@ -258,7 +245,6 @@ export class ComputeManager {
     await this.setState(rt, 'stopping');
     this.invalidate(rt.id);
     await this.o.driver.stop(rt.id);
-    this.counters.stops++;
     rt.address = undefined;
     await this.setState(rt, 'stopped');
     await this.o.store.recordEvent(rt.id, 'stop');
