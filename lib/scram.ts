@@ -3,7 +3,7 @@
  * turns passwords into secrets) and the proxy (which authenticates against them).
  * The secret string format is Postgres' own: `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
  */
-import { createHash, createHmac, pbkdf2Sync, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHash, createHmac, pbkdf2, pbkdf2Sync, randomBytes, timingSafeEqual } from 'node:crypto';
 import saslprep from '@mongodb-js/saslprep';
 
 export interface ScramSecret {
@@ -73,4 +73,18 @@ export function parseScramSecret(text: string): ScramSecret | null {
 export function verifyPassword(secret: ScramSecret, password: string): boolean {
   const s = makeScramSecret(password, { iterations: secret.iterations, salt: secret.salt });
   return safeEqual(s.storedKey, secret.storedKey);
+}
+
+/**
+ * The SCRAM ClientKey of `password` under `secret`'s salt and iterations when the password
+ * matches the secret, else null. PBKDF2 runs on libuv's thread pool, off the event loop (it is
+ * ~4096 HMACs). Used where a client sends a cleartext password (the password hack, WebSocket
+ * pipelining): the key then authenticates the proxy to the compute, as SCRAM passthrough does.
+ */
+export async function clientKeyFromPassword(secret: ScramSecret, password: string): Promise<Buffer | null> {
+  const salted = await new Promise<Buffer>((resolve, reject) =>
+    pbkdf2(Buffer.from(saslPrep(password), 'utf8'), secret.salt, secret.iterations, SCRAM_KEY_LEN, 'sha256', (err, key) => (err ? reject(err) : resolve(key))),
+  );
+  const clientKey = hmac(salted, 'Client Key');
+  return safeEqual(sha256(clientKey), secret.storedKey) ? clientKey : null;
 }

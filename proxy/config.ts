@@ -4,6 +4,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { ConfigSource, parseFlags, stateDirFrom, type Env } from '../lib/config.ts';
 import type { LogLevel } from '../lib/logger.ts';
+import type { BucketLimit } from './rate-limit.ts';
 
 export interface ProxyConfig {
   readonly host: string;
@@ -16,8 +17,20 @@ export interface ProxyConfig {
   readonly controlPlaneUrl: string;
   /** Refuse plaintext sessions (`connection is insecure`). */
   readonly requireTls: boolean;
+  /** From accept to a complete StartupMessage. */
   readonly startupTimeoutMs: number;
+  /** The TLS handshake alone (SSLRequest or direct). */
+  readonly tlsHandshakeTimeoutMs: number;
+  /** Silence from a client the proxy is waiting on, anywhere before the session is piped. */
+  readonly idleStartupTimeoutMs: number;
+  /** From the StartupMessage to the end of authentication. */
   readonly authTimeoutMs: number;
+  /** Connection attempts per endpoint (leaky bucket); the control plane may override per endpoint. */
+  readonly connectRate: BucketLimit;
+  /** Failed authentications per source address before further attempts are refused. */
+  readonly failedAuthRate: BucketLimit;
+  /** CancelRequests per source network (/24, /64). */
+  readonly cancelRate: BucketLimit;
   readonly computeConnectTimeoutMs: number;
   readonly computeConnectAttempts: number;
   readonly accessCacheTtlMs: number;
@@ -47,7 +60,21 @@ export function loadProxyConfig(env: Env = process.env, argv: readonly string[] 
     controlPlaneUrl: c.string('XENON_CONTROL_PLANE_URL', 'http://127.0.0.1:3000', 'control-plane'),
     requireTls: c.bool('XENON_PROXY_REQUIRE_TLS', true),
     startupTimeoutMs: c.int('XENON_PROXY_STARTUP_TIMEOUT_MS', 10_000, { min: 10 }),
+    tlsHandshakeTimeoutMs: c.int('XENON_PROXY_TLS_HANDSHAKE_TIMEOUT_MS', 5_000, { min: 10 }),
+    idleStartupTimeoutMs: c.int('XENON_PROXY_STARTUP_IDLE_TIMEOUT_MS', 5_000, { min: 10 }),
     authTimeoutMs: c.int('XENON_PROXY_AUTH_TIMEOUT_MS', 30_000, { min: 10 }),
+    connectRate: {
+      perSecond: c.number('XENON_PROXY_CONNECT_RATE_PER_SECOND', 100, { min: 0.001 }),
+      burst: c.int('XENON_PROXY_CONNECT_RATE_BURST', 300, { min: 1 }),
+    },
+    failedAuthRate: {
+      perSecond: c.number('XENON_PROXY_FAILED_AUTH_PER_SECOND', 0.1, { min: 0.001 }),
+      burst: c.int('XENON_PROXY_FAILED_AUTH_BURST', 10, { min: 1 }),
+    },
+    cancelRate: {
+      perSecond: c.number('XENON_PROXY_CANCEL_RATE_PER_SECOND', 50, { min: 0.001 }),
+      burst: c.int('XENON_PROXY_CANCEL_RATE_BURST', 100, { min: 1 }),
+    },
     computeConnectTimeoutMs: c.int('XENON_PROXY_COMPUTE_CONNECT_TIMEOUT_MS', 5_000, { min: 10 }),
     computeConnectAttempts: c.int('XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS', 4, { min: 1, max: 20 }),
     accessCacheTtlMs: c.int('XENON_PROXY_ACCESS_CACHE_MS', 240_000, { min: 0 }),

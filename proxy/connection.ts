@@ -1,17 +1,22 @@
 /**
  * One client connection, from its first byte to the pipe (DESIGN §4 "Connect"):
- * SSLRequest / GSSENCRequest ('N') / CancelRequest → TLS with SNI → StartupMessage → endpoint →
- * SCRAM with the client against the role secret (a mock secret for unknown endpoints and roles:
- * the answer is always 28P01 and nothing is woken) → wake → SCRAM to the compute with the
- * client's ClientKey → ParameterStatus and a proxy-owned BackendKeyData → pipe.
+ * SSLRequest or direct TLS (ALPN "postgresql") / GSSENCRequest ('N') / CancelRequest → TLS with
+ * SNI → StartupMessage → endpoint (SNI, options, or the password hack) → limits (failed-auth
+ * per address, connection attempts per endpoint, IP allowlist) → SCRAM-SHA-256(-PLUS) with the
+ * client against the role secret (a mock secret for unknown endpoints and roles: the answer is
+ * always 28P01 and nothing is woken) → wake → SCRAM to the compute with the client's ClientKey →
+ * ParameterStatus and a proxy-owned BackendKeyData → pipe.
  */
 import type { Socket } from 'node:net';
 import { TLSSocket, type SecureContext } from 'node:tls';
+import type { EndpointAccess } from '../wake-compute/api.ts';
+import { IpAllowlist } from '../lib/ip-allowlist.ts';
 import { asXenonError, XenonError } from '../lib/errors.ts';
 import { setTimeout as delay } from 'node:timers/promises';
-import { parseScramSecret } from '../lib/scram.ts';
-import { endpointFromOptions, endpointFromSni, resolveEndpoint } from './auth/credentials.ts';
-import { mockSecret, SCRAM_SHA_256, ScramServerSession } from './auth/scram.ts';
+import { clientKeyFromPassword, parseScramSecret, type ScramSecret } from '../lib/scram.ts';
+import { tlsServerEndPoint } from './auth/channel-binding.ts';
+import { endpointFromOptions, endpointFromSni, endpointRef, parsePasswordHack, resolveEndpoint, type EndpointRef } from './auth/credentials.ts';
+import { mockSecret, ScramServerSession } from './auth/scram.ts';
 import { allocateCancelKey, cancelKey, sendCancel, type CancelMap } from './cancellation.ts';
 import { ComputeError, connectCompute, type ComputeSession } from './connect-compute.ts';
 import type { ProxyConfig } from './config.ts';
@@ -20,14 +25,17 @@ import { PHASES, RequestContext } from './context.ts';
 import type { CachedControlPlane } from './control-plane.ts';
 import type { ProxyMetrics } from './metrics.ts';
 import { pipeBoth } from './passthrough.ts';
+import { plainAddress, sourceNetwork, type KeyedLeakyBucket } from './rate-limit.ts';
 import {
   backend,
   DEFAULT_MAX_MESSAGE,
   FrontendReader,
   MAX_STARTUP_PACKET,
   MESSAGE_TYPES,
+  parsePasswordMessage,
   parseSaslInitialResponse,
   PgWireError,
+  TLS_HANDSHAKE_RECORD,
   type StartupPacket,
 } from './pgwire/index.ts';
 
@@ -38,7 +46,21 @@ export interface SessionDeps {
   cancels: CancelMap;
   metrics: ProxyMetrics;
   secureContext: () => SecureContext;
+  limits: ProxyLimits;
 }
+
+/** The proxy's leaky buckets, shared by every connection. */
+export interface ProxyLimits {
+  /** Connection attempts per endpoint. */
+  connect: KeyedLeakyBucket;
+  /** Failed authentications per source address. */
+  failedAuth: KeyedLeakyBucket;
+  /** CancelRequests per source network. */
+  cancel: KeyedLeakyBucket;
+}
+
+/** ALPN protocol of the Postgres wire protocol (PostgreSQL 17). */
+const ALPN_POSTGRESQL = 'postgresql';
 
 /** The client hung up (or we closed it): nothing more to say to it. */
 class ClientGone extends Error {}
@@ -60,7 +82,10 @@ class ClientConn {
   /** We sent the client an error and are closing: its disconnect is not news. */
   failed = false;
 
-  constructor(socket: Socket) {
+  constructor(
+    socket: Socket,
+    private readonly idleTimeoutMs: number,
+  ) {
     this.socket = socket;
     this.attach(socket);
   }
@@ -96,14 +121,25 @@ class ClientConn {
     s.off('error', this.onGone);
   }
 
-  /** Waits until `fn` returns non-null (it throws PgWireError on malformed input). */
+  /**
+   * Waits until `fn` returns non-null (it throws PgWireError on malformed input). A client silent
+   * for the idle timeout while we wait on it fails with PROXY_STARTUP_TIMEOUT.
+   */
   async read<T>(fn: () => T | null): Promise<T> {
     for (;;) {
       const v = fn();
       if (v !== null) return v;
       if (this.gone || this.socket.destroyed) throw new ClientGone();
       if (this.socket.isPaused()) this.socket.resume();
-      await new Promise<void>((r) => (this.waiter = r));
+      let idle: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolve, reject) => {
+        this.waiter = resolve;
+        idle = setTimeout(() => {
+          this.waiter = undefined;
+          const msg = `no data from the client for ${this.idleTimeoutMs} ms during connection startup`;
+          reject(new XenonError('PROXY_STARTUP_TIMEOUT', msg, { userMessage: msg }));
+        }, this.idleTimeoutMs);
+      }).finally(() => clearTimeout(idle));
     }
   }
 
@@ -111,28 +147,41 @@ class ClientConn {
     if (!this.socket.destroyed) this.socket.write(buf);
   }
 
-  /** Answers 'S' and runs the TLS handshake on the same socket. Resolves with the SNI name. */
-  async upgradeTls(context: () => SecureContext, timeoutMs: number): Promise<string | undefined> {
+  /**
+   * Runs the TLS handshake on the same socket: after answering 'S' to an SSLRequest, or at once
+   * for a direct TLS connection (the ClientHello bytes already read go back into the socket).
+   * ALPN: "postgresql" or none; a client offering only other protocols fails the handshake.
+   * Resolves with the SNI name.
+   */
+  async upgradeTls(context: () => SecureContext, timeoutMs: number, direct: boolean): Promise<string | undefined> {
     const raw = this.socket;
     raw.pause();
     this.detachListeners(raw);
     raw.on('error', () => {}); // errors surface on the TLS socket
-    raw.write('S');
+    if (direct) raw.unshift(this.reader.drain());
+    else raw.write('S');
     const tls = new TLSSocket(raw, {
       isServer: true,
       secureContext: context(),
       SNICallback: (_name, cb) => cb(null, context()),
+      ALPNProtocols: [ALPN_POSTGRESQL],
     });
     this.socket = tls;
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new XenonError('PROXY_STARTUP_TIMEOUT', 'TLS handshake timed out')), timeoutMs);
+      const timer = setTimeout(() => reject(Object.assign(new ClientGone(`TLS handshake not finished in ${timeoutMs} ms`), { tls: true })), timeoutMs);
       tls.once('secure', () => { clearTimeout(timer); resolve(); });
       tls.once('error', (err) => { clearTimeout(timer); reject(Object.assign(new ClientGone(err.message), { tls: true })); });
       tls.once('close', () => { clearTimeout(timer); reject(new ClientGone('closed during TLS handshake')); });
     });
     this.attach(tls);
+    if (direct && tls.alpnProtocol !== ALPN_POSTGRESQL) throw new XenonError('PROXY_ALPN_REQUIRED');
     const sni = (tls as TLSSocket & { servername?: string | false }).servername;
     return typeof sni === 'string' ? sni : undefined;
+  }
+
+  /** tls-server-end-point binding data of this connection's certificate (undefined without TLS). */
+  channelBinding(): Buffer | undefined {
+    return this.socket instanceof TLSSocket ? tlsServerEndPoint((this.socket.getCertificate() as { raw?: Buffer } | null)?.raw) : undefined;
   }
 
   /** The client is gone, or we are closing it after an error. */
@@ -167,7 +216,8 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
   const { config, metrics } = deps;
   raw.setNoDelay(true);
   raw.setKeepAlive(true, 60_000);
-  const conn = new ClientConn(raw);
+  const conn = new ClientConn(raw, config.idleStartupTimeoutMs);
+  const peerIp = plainAddress(raw.remoteAddress);
   let timer: NodeJS.Timeout | undefined;
   const deadline = (ms: number, code: 'PROXY_STARTUP_TIMEOUT' | 'PROXY_AUTH_TIMEOUT'): void => {
     clearTimeout(timer);
@@ -181,39 +231,9 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
   let counted: string | undefined;
   try {
     deadline(config.startupTimeoutMs, 'PROXY_STARTUP_TIMEOUT');
-    // ---- handshake
-    let tls = false;
-    let sni: string | undefined;
-    let startup: Extract<StartupPacket, { kind: 'startup' }>;
-    for (;;) {
-      const pkt = await conn.read(() => conn.reader.readStartup());
-      if (pkt.kind === 'ssl' || pkt.kind === 'gssenc') {
-        if (tls) throw violation(`${pkt.kind === 'ssl' ? 'SSLRequest' : 'GSSENCRequest'} inside TLS`);
-        // Bytes after the request and before the handshake could be injected by a man in the middle.
-        if (conn.reader.buffered > 0) throw violation('data received before the TLS handshake completed');
-        if (pkt.kind === 'gssenc') {
-          conn.write(Buffer.from('N'));
-          continue;
-        }
-        ctx.begin('tls');
-        try {
-          sni = await conn.upgradeTls(deps.secureContext, config.startupTimeoutMs);
-        } catch (err) {
-          if ((err as { tls?: boolean }).tls) metrics.tlsFailures.inc();
-          throw err;
-        }
-        ctx.end();
-        tls = true;
-        continue;
-      }
-      if (pkt.kind === 'cancel') {
-        await forwardCancel(pkt.processId, pkt.secretKey, deps, ctx);
-        conn.socket.end();
-        return;
-      }
-      startup = pkt;
-      break;
-    }
+    const hs = await handshake(conn, deps, ctx, peerIp);
+    if (!hs) return; // a CancelRequest, answered
+    const { tls, sni, startup } = hs;
     if (!tls && config.requireTls) throw new XenonError('PROXY_TLS_REQUIRED');
 
     // ---- startup parameters
@@ -225,30 +245,14 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     const replication = params.get('replication');
     if (replication !== undefined && !/^(false|off|no|0)$/i.test(replication)) throw new XenonError('PROXY_REPLICATION_REJECTED');
     const opts = endpointFromOptions(params.get('options'));
-    const ref = resolveEndpoint(endpointFromSni(sni, config.domain), opts.endpoint);
-    ctx.setEndpoint(ref.endpoint, user, database);
     const computeParams: Record<string, string> = { user, database };
     for (const [k, v] of params) if (!DROPPED_PARAMS.has(k) && !k.startsWith('_pq_.')) computeParams[k] = v;
     if (opts.rest) computeParams.options = opts.rest;
 
-    // ---- SCRAM with the client
+    // ---- authentication
     deadline(config.authTimeoutMs, 'PROXY_AUTH_TIMEOUT');
-    ctx.begin('auth');
-    const access = await deps.cp.getEndpointAccess(ref.endpoint, user);
-    const secret = access?.role_secret ? parseScramSecret(access.role_secret) : null;
-    const scram = new ScramServerSession(secret ?? mockSecret(config.mockSecretKey, ref.endpoint, user));
-    conn.write(backend.authenticationSASL([SCRAM_SHA_256]));
-    const first = await readPassword(conn);
-    const initial = parseSaslInitialResponse(first);
-    if (initial.mechanism !== SCRAM_SHA_256) throw new XenonError('AUTH_METHOD_UNSUPPORTED');
-    conn.write(backend.authenticationSASLContinue(scram.clientFirst(initial.data)));
-    const result = scram.clientFinal(await readPassword(conn));
-    if (!result.ok || !secret || !access) {
-      const msg = `password authentication failed for user "${user}"`;
-      throw new XenonError('AUTH_FAILED', msg, { userMessage: msg });
-    }
-    conn.write(backend.authenticationSASLFinal(result.serverFinal));
-    ctx.end();
+    const auth = await authenticate(conn, deps, ctx, { tls, sni, optionsEndpoint: opts.endpoint, user, database, peerIp });
+    const { ref, secret, clientKey } = auth;
     // Authenticated: from here wake and connect are bounded by their own timeouts and retries.
     clearTimeout(timer);
 
@@ -269,7 +273,7 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
           host: info.host,
           port: info.port,
           params: computeParams,
-          clientKey: result.clientKey,
+          clientKey,
           secret,
           // A cached address may point at a compute suspended or stopped since: fail fast and re-wake.
           timeoutMs: cached ? Math.min(config.computeConnectTimeoutMs, 1_000) : config.computeConnectTimeoutMs,
@@ -281,13 +285,16 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
         // The compute holds another secret than the one we checked: our copy may be stale.
         if (xe?.code === 'PROXY_COMPUTE_AUTH_FAILED') deps.cp.invalidateAccess(ref.endpoint, user);
         // Any failure on a cached address earns a fresh wake (the port may even belong to another
-        // compute now) — except a secret mismatch, which another wake cannot fix.
+        // compute now) — except a secret mismatch, which another wake cannot fix, and errors the
+        // compute itself sent (unknown database, too many connections, …), which go to the client.
         const retry = (cached && !(err instanceof ComputeError) && xe?.code !== 'PROXY_COMPUTE_AUTH_FAILED') || (xe?.retryable ?? false);
-        if (!retry || attempt >= config.computeConnectAttempts) throw err;
+        if (!retry || attempt >= config.computeConnectAttempts || conn.closed) throw err;
         deps.cp.invalidateWake(ref.endpoint);
         metrics.computeRetries.inc();
         ctx.logger.info('compute connect failed; waking again', { attempt, cached, code: xe?.code, err: (err as Error).message });
-        if (!cached) await delay(Math.min(1_000, 25 * 2 ** attempt));
+        // Backoff for retryable answers (a compute still starting, a control plane restarting);
+        // a stale cached address is retried at once.
+        if (!cached) await delay(Math.min(2_000, 50 * 2 ** attempt * (0.5 + Math.random())));
       }
     }
     // The client may have left during a cold start: do not keep a compute session (and a live
@@ -307,14 +314,16 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     const early = conn.detach();
     if (early.length) session.socket.write(early);
     observeConnect(ctx, metrics);
-    metrics.sessionsActive.inc();
-    ctx.logger.info('session started', { ...roundTimings(ctx), cold: ctx.cold });
+    const labels = { protocol: ctx.protocol, kind: ref.pooled ? 'pooler' : 'direct' };
+    metrics.sessionsOpened.inc(labels);
+    metrics.sessionsActive.inc(labels);
+    ctx.logger.info('session started', { ...roundTimings(ctx), cold: ctx.cold, auth: auth.method, endpointFrom: ref.source, tls, database });
     const endpoint = counted;
     counted = undefined; // released when the pipe closes
     pipeBoth(conn.socket, session.socket, (r) => {
       deps.tracker.dec(endpoint);
       void Promise.resolve(deps.cancels.delete(key.key)).catch((err: Error) => ctx.logger.warn('could not forget a cancel key', { err }));
-      metrics.sessionsActive.dec();
+      metrics.sessionsActive.dec(labels);
       metrics.bytes.inc({ direction: 'to_compute' }, r.toCompute);
       metrics.bytes.inc({ direction: 'to_client' }, r.toClient);
       ctx.logger.info('session ended', { durationMs: Math.round(ctx.elapsedMs), bytesToCompute: r.toCompute, bytesToClient: r.toClient });
@@ -326,6 +335,145 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
   }
 }
 
+/**
+ * The startup phase up to a StartupMessage: TLS (after an SSLRequest, or direct), GSSENC refused
+ * with 'N', CancelRequests forwarded. Null when the connection was a CancelRequest.
+ */
+async function handshake(
+  conn: ClientConn,
+  deps: SessionDeps,
+  ctx: RequestContext,
+  peerIp: string,
+): Promise<{ tls: boolean; sni?: string; startup: Extract<StartupPacket, { kind: 'startup' }> } | null> {
+  let tls = false;
+  let sni: string | undefined;
+  const upgrade = async (direct: boolean): Promise<void> => {
+    ctx.begin('tls');
+    try {
+      sni = await conn.upgradeTls(deps.secureContext, deps.config.tlsHandshakeTimeoutMs, direct);
+    } catch (err) {
+      if ((err as { tls?: boolean }).tls) deps.metrics.tlsFailures.inc();
+      throw err;
+    }
+    ctx.end();
+    tls = true;
+  };
+  for (;;) {
+    // PostgreSQL 17 `sslnegotiation=direct`: a TLS record instead of an SSLRequest.
+    if (!tls && (await conn.read(() => conn.reader.peekByte() ?? null)) === TLS_HANDSHAKE_RECORD) {
+      await upgrade(true);
+      continue;
+    }
+    const pkt = await conn.read(() => conn.reader.readStartup());
+    if (pkt.kind === 'ssl' || pkt.kind === 'gssenc') {
+      if (tls) throw violation(`${pkt.kind === 'ssl' ? 'SSLRequest' : 'GSSENCRequest'} inside TLS`);
+      // Bytes after the request and before the handshake could be injected by a man in the middle.
+      if (conn.reader.buffered > 0) throw violation('data received before the TLS handshake completed');
+      if (pkt.kind === 'gssenc') {
+        conn.write(Buffer.from('N'));
+        continue;
+      }
+      await upgrade(false);
+      continue;
+    }
+    if (pkt.kind === 'cancel') {
+      await forwardCancel(pkt.processId, pkt.secretKey, deps, ctx, peerIp);
+      conn.socket.end();
+      return null;
+    }
+    return { tls, sni, startup: pkt };
+  }
+}
+
+interface AuthResult {
+  ref: EndpointRef;
+  access: EndpointAccess;
+  secret: ScramSecret;
+  clientKey: Buffer;
+  method: 'scram' | 'scram-plus' | 'password';
+}
+
+/** Allowlists built from cached access answers (the same array until the answer is refreshed). */
+const allowlists = new WeakMap<readonly string[], IpAllowlist>();
+function allowlistOf(access: EndpointAccess): IpAllowlist {
+  let l = allowlists.get(access.allowed_ips);
+  if (!l) allowlists.set(access.allowed_ips, (l = new IpAllowlist(access.allowed_ips)));
+  return l;
+}
+
+/**
+ * Finds the endpoint, applies the limits and authenticates the client: SCRAM (with channel
+ * binding when the client supports it over TLS), or a cleartext password when the endpoint came
+ * as a password prefix. Unknown endpoints and roles go through a mock secret: 28P01 either way.
+ */
+async function authenticate(
+  conn: ClientConn,
+  deps: SessionDeps,
+  ctx: RequestContext,
+  c: { tls: boolean; sni?: string; optionsEndpoint?: string; user: string; database: string; peerIp: string },
+): Promise<AuthResult> {
+  const { config, metrics, limits } = deps;
+  ctx.begin('auth');
+  if (limits.failedAuth.full(c.peerIp)) {
+    metrics.rateLimited.inc({ limit: 'failed_auth' });
+    const wait = limits.failedAuth.retryAfterSeconds(c.peerIp);
+    const msg = `too many failed authentication attempts from ${c.peerIp}; try again in ${wait} s`;
+    throw new XenonError('PROXY_AUTH_RATE_LIMITED', msg, { userMessage: msg });
+  }
+  let ref = resolveEndpoint(endpointFromSni(c.sni, config.domain), c.optionsEndpoint);
+  let password: string | undefined;
+  if (!ref) {
+    // The password hack: only over TLS, where a cleartext password is as safe as SCRAM's proof.
+    if (!c.tls) throw new XenonError('PROXY_ENDPOINT_MISSING');
+    conn.write(backend.authenticationCleartextPassword());
+    const hack = parsePasswordHack(parsePasswordMessage(await readPassword(conn)));
+    if (!hack) throw new XenonError('PROXY_ENDPOINT_MISSING');
+    ref = endpointRef(hack.endpoint, 'password');
+    password = hack.password;
+  }
+  ctx.setEndpoint(ref.endpoint, c.user, c.database);
+  const access = await deps.cp.getEndpointAccess(ref.endpoint, c.user);
+  const rl = access?.connection_rate_limit;
+  if (!limits.connect.take(ref.endpoint, rl ? { perSecond: rl.per_second, burst: rl.burst } : config.connectRate)) {
+    metrics.rateLimited.inc({ limit: 'endpoint_connect' });
+    throw new XenonError('PROXY_RATE_LIMITED');
+  }
+  if (access && !allowlistOf(access).allows(c.peerIp)) {
+    const msg = `connections from IP address ${c.peerIp} are not allowed to endpoint ${ref.endpoint}`;
+    throw new XenonError('PROXY_IP_NOT_ALLOWED', msg, { userMessage: msg });
+  }
+  const secret = access?.role_secret ? parseScramSecret(access.role_secret) : null;
+  const checkAgainst = secret ?? mockSecret(config.mockSecretKey, ref.endpoint, c.user);
+  let clientKey: Buffer | null = null;
+  let serverFinal: string | undefined;
+  let method: AuthResult['method'];
+  if (password !== undefined) {
+    method = 'password';
+    clientKey = await clientKeyFromPassword(checkAgainst, password);
+  } else {
+    const scram = new ScramServerSession(checkAgainst, { channelBinding: conn.channelBinding() });
+    conn.write(backend.authenticationSASL(scram.mechanisms));
+    const initial = parseSaslInitialResponse(await readPassword(conn));
+    conn.write(backend.authenticationSASLContinue(scram.clientFirst(initial.data, initial.mechanism)));
+    const result = scram.clientFinal(await readPassword(conn));
+    method = scram.bound ? 'scram-plus' : 'scram';
+    if (result.ok) {
+      clientKey = result.clientKey;
+      serverFinal = result.serverFinal;
+    }
+  }
+  if (!clientKey || !secret || !access) {
+    metrics.authentications.inc({ method, outcome: 'failed' });
+    limits.failedAuth.take(c.peerIp);
+    const msg = `password authentication failed for user "${c.user}"`;
+    throw new XenonError('AUTH_FAILED', msg, { userMessage: msg });
+  }
+  metrics.authentications.inc({ method, outcome: 'ok' });
+  if (serverFinal !== undefined) conn.write(backend.authenticationSASLFinal(serverFinal));
+  ctx.end();
+  return { ref, access, secret, clientKey, method };
+}
+
 /** Reads one PasswordMessage ('p') body; Terminate means the client gave up. */
 async function readPassword(conn: ClientConn): Promise<Buffer> {
   const m = await conn.read(() => conn.reader.readMessage());
@@ -334,7 +482,14 @@ async function readPassword(conn: ClientConn): Promise<Buffer> {
   return m.body;
 }
 
-async function forwardCancel(processId: number, secretKey: number, deps: SessionDeps, ctx: RequestContext): Promise<void> {
+async function forwardCancel(processId: number, secretKey: number, deps: SessionDeps, ctx: RequestContext, peerIp: string): Promise<void> {
+  // A cancel key is 64 random bits, but a flood of guesses still costs compute connections.
+  if (!deps.limits.cancel.take(sourceNetwork(peerIp))) {
+    deps.metrics.cancelRequests.inc({ outcome: 'rate_limited' });
+    deps.metrics.rateLimited.inc({ limit: 'cancel' });
+    ctx.logger.info('cancel request rate-limited', { network: sourceNetwork(peerIp) });
+    return;
+  }
   const target = await deps.cancels.get(cancelKey(processId, secretKey));
   if (!target) {
     deps.metrics.cancelRequests.inc({ outcome: 'unknown_key' });

@@ -1,6 +1,6 @@
 /**
- * The Postgres-facing edge: TCP listener (TLS after SSLRequest), SCRAM with the client, wake,
- * pipe; live connection counts to the control plane; `/metrics` and `/healthz`.
+ * The Postgres-facing edge: TCP listener (TLS after SSLRequest or direct), SCRAM with the client,
+ * limits, wake, pipe; live connection counts to the control plane; `/metrics` and `/healthz`.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { SecureContext } from 'node:tls';
@@ -12,7 +12,8 @@ import type { ControlPlaneApi } from '../wake-compute/api.ts';
 import { ControlPlaneClient } from '../wake-compute/client.ts';
 import { MemoryCancelMap, type CancelMap } from './cancellation.ts';
 import type { ProxyConfig } from './config.ts';
-import { handleClient } from './connection.ts';
+import { handleClient, type ProxyLimits } from './connection.ts';
+import { KeyedLeakyBucket } from './rate-limit.ts';
 import { ConnectionTracker } from './connections.ts';
 import { RequestContext } from './context.ts';
 import { CachedControlPlane } from './control-plane.ts';
@@ -66,13 +67,19 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
   tracker.start();
   const cancels = deps.cancels ?? new MemoryCancelMap();
   const sockets = new Set<Socket>();
-  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext };
+  const limits: ProxyLimits = {
+    connect: new KeyedLeakyBucket(config.connectRate),
+    failedAuth: new KeyedLeakyBucket(config.failedAuthRate),
+    cancel: new KeyedLeakyBucket(config.cancelRate),
+  };
+  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits };
 
   const server: Server = createServer({ noDelay: true }, (socket) => {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     if (sockets.size >= config.maxClientConnections) {
       const xe = new XenonError('PROXY_TOO_MANY_CONNECTIONS');
       metrics.errors.inc({ kind: xe.kind, code: xe.code });
+      metrics.rateLimited.inc({ limit: 'max_connections' });
       socket.on('error', () => {});
       socket.end(backend.errorResponse({ severity: 'FATAL', code: xe.sqlstate, message: xe.userMessage }));
       return;

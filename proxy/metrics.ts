@@ -11,7 +11,10 @@ export function createProxyMetrics(registry: Registry = new Registry()) {
     connectionsOpened: new Counter({ name: 'xenon_proxy_connections_opened_total', help: 'Client connections accepted', labelNames: ['protocol'], registers: r }),
     connectionsClosed: new Counter({ name: 'xenon_proxy_connections_closed_total', help: 'Client connections closed', labelNames: ['protocol'], registers: r }),
     connectionsActive: new Gauge({ name: 'xenon_proxy_connections_active', help: 'Client connections open now', labelNames: ['protocol'], registers: r }),
-    sessionsActive: new Gauge({ name: 'xenon_proxy_sessions_active', help: 'Authenticated sessions piped to a compute', registers: r }),
+    sessionsOpened: new Counter({ name: 'xenon_proxy_sessions_opened_total', help: 'Authenticated sessions handed to a compute, by protocol and endpoint kind (direct | pooler)', labelNames: ['protocol', 'kind'], registers: r }),
+    sessionsActive: new Gauge({ name: 'xenon_proxy_sessions_active', help: 'Authenticated sessions piped to a compute now, by protocol and endpoint kind', labelNames: ['protocol', 'kind'], registers: r }),
+    authentications: new Counter({ name: 'xenon_proxy_authentications_total', help: 'Client authentications by method (scram | scram-plus | password) and outcome', labelNames: ['method', 'outcome'], registers: r }),
+    rateLimited: new Counter({ name: 'xenon_proxy_rate_limited_total', help: 'Attempts refused by a limit (endpoint_connect | failed_auth | cancel | max_connections)', labelNames: ['limit'], registers: r }),
     connectSeconds: new Histogram({
       name: 'xenon_proxy_connect_duration_seconds',
       help: 'Time per connect phase (tls, auth, wake, connect) and in total, cold or warm',

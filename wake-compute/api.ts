@@ -6,6 +6,7 @@
  *   GET    /v1/projects                                   → { projects: Project[] }
  *   POST   /v1/projects               CreateProjectRequest → CreateProjectResponse
  *   GET    /v1/projects/:project                          → { project: Project }
+ *   PATCH  /v1/projects/:project       UpdateProjectRequest → { project: Project }
  *   DELETE /v1/projects/:project                          → { project: Project }
  *   GET    /v1/projects/:project/branches                 → { branches: Branch[] }
  *   GET    /v1/projects/:project/branches/:branch         → { branch: Branch }
@@ -62,6 +63,8 @@ export interface Endpoint {
   /** Seconds suspended before the compute is stopped; 0 = never. */
   stop_timeout_seconds: number;
   disabled: boolean;
+  /** Overrides the proxies' default connection-attempt rate limit for this endpoint; null = default. */
+  connection_rate_limit: ConnectionRateLimit | null;
   /** Live client connections reported by the proxies. */
   connections: number;
   last_active_at: string | null;
@@ -117,10 +120,24 @@ export interface CreateEndpointRequest {
   stop_timeout_seconds?: number;
 }
 
+/** A leaky bucket: `burst` attempts at once, refilled at `per_second`. */
+export interface ConnectionRateLimit {
+  per_second: number;
+  burst: number;
+}
+
 export interface UpdateEndpointRequest {
   suspend_timeout_seconds?: number;
   stop_timeout_seconds?: number;
   disabled?: boolean;
+  /** null resets to the proxies' default. */
+  connection_rate_limit?: ConnectionRateLimit | null;
+}
+
+export interface UpdateProjectRequest {
+  name?: string;
+  /** Addresses (`203.0.113.7`, `2001:db8::1`), ranges (`10.0.0.1-10.0.0.9`) and CIDR (`10.0.0.0/8`); empty = all allowed. At most 100. */
+  allowed_ips?: string[];
 }
 
 export interface CreateRoleRequest {
@@ -142,6 +159,8 @@ export interface EndpointAccess {
   role_secret: string | null;
   /** Empty = every address allowed. */
   allowed_ips: string[];
+  /** Per-endpoint override of the proxy's connection-attempt rate limit; null = the proxy's default. */
+  connection_rate_limit: ConnectionRateLimit | null;
 }
 
 export interface ComputeInfo {

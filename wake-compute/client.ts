@@ -40,6 +40,9 @@ export class ControlPlaneClient implements api.ControlPlaneApi {
   getProject(id: string): Promise<{ project: api.Project }> {
     return this.call('GET', `/v1/projects/${encodeURIComponent(id)}`);
   }
+  updateProject(id: string, req: api.UpdateProjectRequest): Promise<{ project: api.Project }> {
+    return this.call('PATCH', `/v1/projects/${encodeURIComponent(id)}`, req);
+  }
   deleteProject(id: string): Promise<{ project: api.Project }> {
     return this.call('DELETE', `/v1/projects/${encodeURIComponent(id)}`, undefined, 120_000);
   }

@@ -13,6 +13,7 @@ import {
   ENDPOINT_ID_RE,
   ENDPOINT_STATES,
   NAME_RE,
+  type ConnectionRateLimit,
   type ConnectionReport,
   type ConnectionReportResponse,
   type CreateDatabaseRequest,
@@ -26,7 +27,8 @@ import {
 import { computeLogDir, type ControlPlaneConfig } from './config.ts';
 import { newBranchId, newEndpointId, newProjectId } from './ids.ts';
 import { ADMIN_ROLE, ComputeManager } from './lifecycle.ts';
-import { branchOut, endpointOut, MetadataStore, type EndpointRow } from './store.ts';
+import { branchOut, endpointOut, MetadataStore, rateLimitOut, type EndpointRow } from './store.ts';
+import { validateAllowlist } from '../lib/ip-allowlist.ts';
 
 export interface ControlPlaneDeps {
   logger: Logger;
@@ -79,6 +81,27 @@ function optSeconds(b: Record<string, unknown>, key: string): number | undefined
   if (v === undefined || v === null) return undefined;
   if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 7 * 24 * 3600) throw badRequest(`${key} must be an integer number of seconds from 0 to 604800`);
   return v;
+}
+function optRateLimit(b: Record<string, unknown>, key: string): ConnectionRateLimit | null | undefined {
+  const v = b[key];
+  if (v === undefined) return undefined;
+  if (v === null) return null;
+  const r = v as Partial<ConnectionRateLimit>;
+  if (typeof v !== 'object' || Array.isArray(v) || typeof r.per_second !== 'number' || !(r.per_second > 0) || r.per_second > 1e6
+      || typeof r.burst !== 'number' || !Number.isInteger(r.burst) || r.burst < 1 || r.burst > 1e6) {
+    throw badRequest(`${key} must be null or { per_second: number > 0, burst: integer >= 1 }`);
+  }
+  return { per_second: r.per_second, burst: r.burst };
+}
+function optAllowedIps(b: Record<string, unknown>, key: string): string[] | undefined {
+  const v = b[key];
+  if (v === undefined || v === null) return undefined;
+  if (!Array.isArray(v) || v.length > 100 || v.some((e) => typeof e !== 'string')) throw badRequest(`${key} must be an array of at most 100 strings`);
+  try {
+    return validateAllowlist(v as string[]);
+  } catch (err) {
+    throw badRequest(`${key}: ${(err as Error).message}`);
+  }
 }
 function optPassword(b: Record<string, unknown>, key: string): string | undefined {
   const v = b[key];
@@ -206,6 +229,14 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     return new HttpReply(201, out);
   });
   r.get('/v1/projects/:project', async ({ params }) => ({ project: await store.getProject(params.project!) }));
+  r.patch('/v1/projects/:project', async ({ params, body }) => {
+    const b = obj(body) as Record<string, unknown>;
+    if (b.name !== undefined && (typeof b.name !== 'string' || !b.name || b.name.length > 100)) throw badRequest('name must be a string of 1 to 100 characters');
+    const project = await store.updateProject(params.project!, { name: b.name as string | undefined, allowed_ips: optAllowedIps(b, 'allowed_ips') });
+    // Proxies cache access answers (allowlist included): make them ask again.
+    for (const e of await store.listEndpoints(project.id)) manager.invalidate(e.id, 'access');
+    return { project };
+  });
   r.delete('/v1/projects/:project', async ({ params }) => {
     const project = await store.getProject(params.project!);
     const endpoints = await store.listEndpoints(project.id);
@@ -252,8 +283,10 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       suspend_timeout_seconds: optSeconds(b, 'suspend_timeout_seconds'),
       stop_timeout_seconds: optSeconds(b, 'stop_timeout_seconds'),
       disabled: b.disabled,
+      connection_rate_limit: optRateLimit(b, 'connection_rate_limit'),
     });
     manager.refresh(row);
+    if (b.connection_rate_limit !== undefined) manager.invalidate(row.id, 'access');
     if (row.disabled) await manager.stop(row.id);
     return { endpoint: epOut(row) };
   });
@@ -335,6 +368,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       branch_id: row.branch_id,
       role_secret: role ? await store.roleSecret(row.branch_id, role) : null,
       allowed_ips: project.allowed_ips,
+      connection_rate_limit: rateLimitOut(row),
     };
   });
   r.post('/v1/proxy/endpoints/:endpoint/wake', async ({ params }) => manager.wake(params.endpoint!));

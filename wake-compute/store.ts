@@ -4,7 +4,7 @@
  * so several control-plane instances can start at once.
  */
 import pg from 'pg';
-import type { Branch, Database, Endpoint, EndpointState, LifecycleEvent, Project, Role } from './api.ts';
+import type { Branch, ConnectionRateLimit, Database, Endpoint, EndpointState, LifecycleEvent, Project, Role } from './api.ts';
 import { XenonError } from '../lib/errors.ts';
 
 const MIGRATIONS: readonly string[] = [
@@ -60,6 +60,11 @@ const MIGRATIONS: readonly string[] = [
      at timestamptz NOT NULL DEFAULT now()
    );
    CREATE INDEX lifecycle_events_endpoint ON lifecycle_events (endpoint_id, id);`,
+  // 2: per-endpoint override of the proxies' connection-attempt rate limit (NULL = proxy default).
+  `ALTER TABLE endpoints
+     ADD COLUMN connection_rate_per_second double precision CHECK (connection_rate_per_second > 0),
+     ADD COLUMN connection_rate_burst integer CHECK (connection_rate_burst >= 1),
+     ADD CONSTRAINT endpoints_connection_rate_both CHECK ((connection_rate_per_second IS NULL) = (connection_rate_burst IS NULL));`,
 ];
 
 const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
@@ -73,6 +78,8 @@ export interface EndpointRow {
   disabled: boolean;
   state: EndpointState;
   last_active_at: Date | null;
+  connection_rate_per_second: number | null;
+  connection_rate_burst: number | null;
   created_at: Date;
 }
 
@@ -186,6 +193,14 @@ export class MetadataStore {
     if (!row) throw new XenonError('CP_NOT_FOUND', `project ${id} not found`, { userMessage: `project ${id} not found` });
     return projectOut(row);
   }
+  async updateProject(id: string, patch: { name?: string; allowed_ips?: string[] }): Promise<Project> {
+    const [row] = await this.q<ProjectRow>(
+      'UPDATE projects SET name = coalesce($2, name), allowed_ips = coalesce($3, allowed_ips) WHERE id = $1 RETURNING *',
+      [id, patch.name ?? null, patch.allowed_ips ?? null],
+    );
+    if (!row) throw new XenonError('CP_NOT_FOUND', `project ${id} not found`, { userMessage: `project ${id} not found` });
+    return projectOut(row);
+  }
   async deleteProject(id: string): Promise<Project> {
     const [row] = await this.q<ProjectRow>('DELETE FROM projects WHERE id = $1 RETURNING *', [id]);
     if (!row) throw new XenonError('CP_NOT_FOUND', `project ${id} not found`, { userMessage: `project ${id} not found` });
@@ -226,12 +241,19 @@ export class MetadataStore {
     if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
     return row;
   }
-  async updateEndpoint(id: string, patch: { suspend_timeout_seconds?: number; stop_timeout_seconds?: number; disabled?: boolean }): Promise<EndpointRow> {
+  /** `connection_rate_limit`: undefined keeps it, null clears it (proxy default). */
+  async updateEndpoint(
+    id: string,
+    patch: { suspend_timeout_seconds?: number; stop_timeout_seconds?: number; disabled?: boolean; connection_rate_limit?: ConnectionRateLimit | null },
+  ): Promise<EndpointRow> {
+    const rl = patch.connection_rate_limit;
     const [row] = await this.q<EndpointRow>(
       `UPDATE endpoints SET suspend_timeout_seconds = coalesce($2, suspend_timeout_seconds),
-         stop_timeout_seconds = coalesce($3, stop_timeout_seconds), disabled = coalesce($4, disabled)
+         stop_timeout_seconds = coalesce($3, stop_timeout_seconds), disabled = coalesce($4, disabled),
+         connection_rate_per_second = CASE WHEN $5 THEN $6 ELSE connection_rate_per_second END,
+         connection_rate_burst = CASE WHEN $5 THEN $7 ELSE connection_rate_burst END
        WHERE id = $1 RETURNING *`,
-      [id, patch.suspend_timeout_seconds ?? null, patch.stop_timeout_seconds ?? null, patch.disabled ?? null],
+      [id, patch.suspend_timeout_seconds ?? null, patch.stop_timeout_seconds ?? null, patch.disabled ?? null, rl !== undefined, rl?.per_second ?? null, rl?.burst ?? null],
     );
     if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
     return row;
@@ -326,10 +348,17 @@ export function endpointOut(r: EndpointRow, extra: { host: string; state: Endpoi
     suspend_timeout_seconds: r.suspend_timeout_seconds,
     stop_timeout_seconds: r.stop_timeout_seconds,
     disabled: r.disabled,
+    connection_rate_limit: rateLimitOut(r),
     connections: extra.connections,
     last_active_at: iso(extra.lastActive ?? r.last_active_at),
     created_at: r.created_at.toISOString(),
   };
+}
+
+export function rateLimitOut(r: EndpointRow): ConnectionRateLimit | null {
+  return r.connection_rate_per_second === null || r.connection_rate_burst === null
+    ? null
+    : { per_second: r.connection_rate_per_second, burst: r.connection_rate_burst };
 }
 
 /** Unique violations → 409, FK violations → 400; everything else passes through. */

@@ -1,6 +1,9 @@
 /**
- * Which endpoint a client wants (DESIGN §4): the first label of the TLS SNI when it is under our
- * domain; else `endpoint=<id>` in the startup `options` (also `--endpoint=<id>`).
+ * Which endpoint a client wants (DESIGN §4), in order: the first label of the TLS SNI when it is
+ * under our domain; `endpoint=<id>` in the startup `options` (also `--endpoint=<id>`); else the
+ * "password hack" — the proxy asks for a cleartext password (over TLS only) and the client sends
+ * `endpoint=<id>;<password>` or `endpoint=<id>$<password>`. A `-pooler` suffix asks for the
+ * transaction pooler.
  */
 import { XenonError } from '../../lib/errors.ts';
 
@@ -8,7 +11,7 @@ export interface EndpointRef {
   /** Endpoint id without the `-pooler` suffix. */
   endpoint: string;
   pooled: boolean;
-  source: 'sni' | 'options';
+  source: 'sni' | 'options' | 'password';
 }
 
 const LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
@@ -51,13 +54,33 @@ export function endpointFromOptions(options: string | undefined): { endpoint?: s
   return { endpoint, rest: keep.join(' ') };
 }
 
-export function resolveEndpoint(sniLabel: string | undefined, optionsEndpoint: string | undefined): EndpointRef {
-  if (sniLabel && optionsEndpoint && sniLabel !== optionsEndpoint) {
-    const msg = `endpoint in the hostname (${sniLabel}) and in options (${optionsEndpoint}) differ`;
+/** An endpoint label as a reference; throws PROXY_ENDPOINT_MISSING naming a malformed one. */
+export function endpointRef(raw: string, source: EndpointRef['source']): EndpointRef {
+  if (!LABEL.test(raw)) {
+    const msg = `invalid endpoint ID ${JSON.stringify(raw.slice(0, 70))}: expected a DNS label such as ep-cool-lake-123456`;
     throw new XenonError('PROXY_ENDPOINT_MISSING', msg, { userMessage: msg });
   }
-  const raw = sniLabel ?? optionsEndpoint;
-  if (!raw || !LABEL.test(raw)) throw new XenonError('PROXY_ENDPOINT_MISSING');
-  const pooled = raw.endsWith('-pooler');
-  return { endpoint: pooled ? raw.slice(0, -'-pooler'.length) : raw, pooled, source: sniLabel ? 'sni' : 'options' };
+  const pooled = raw.endsWith('-pooler') && raw.length > '-pooler'.length;
+  return { endpoint: pooled ? raw.slice(0, -'-pooler'.length) : raw, pooled, source };
+}
+
+/**
+ * The endpoint from SNI and options; undefined when neither names one (the caller may then try
+ * the password hack). Both present and different is an error that names both.
+ */
+export function resolveEndpoint(sniLabel: string | undefined, optionsEndpoint: string | undefined): EndpointRef | undefined {
+  if (sniLabel && optionsEndpoint && sniLabel !== optionsEndpoint) {
+    const msg = `the endpoint in the hostname (${sniLabel}) and in options (${optionsEndpoint.slice(0, 70)}) differ`;
+    throw new XenonError('PROXY_ENDPOINT_MISMATCH', msg, { userMessage: msg });
+  }
+  if (sniLabel) return endpointRef(sniLabel, 'sni');
+  if (optionsEndpoint !== undefined) return endpointRef(optionsEndpoint, 'options');
+  return undefined;
+}
+
+/** `endpoint=<id>;<password>` or `endpoint=<id>$<password>` → its parts; undefined when not in that form. */
+export function parsePasswordHack(password: string): { endpoint: string; password: string } | undefined {
+  const m = /^endpoint=([^;$]*)[;$]([\s\S]*)$/.exec(password);
+  if (!m) return undefined;
+  return { endpoint: m[1]!.toLowerCase(), password: m[2]! };
 }

@@ -13,6 +13,9 @@ import { XenonError } from '../../lib/errors.ts';
 import { hmac, safeEqual, sha256, SCRAM_KEY_LEN, DEFAULT_ITERATIONS, xor, type ScramSecret } from '../../lib/scram.ts';
 
 export const SCRAM_SHA_256 = 'SCRAM-SHA-256';
+/** SCRAM with channel binding (RFC 5802 §6), type tls-server-end-point (RFC 5929): offered over TLS. */
+export const SCRAM_SHA_256_PLUS = 'SCRAM-SHA-256-PLUS';
+export const TLS_SERVER_END_POINT = 'tls-server-end-point';
 
 function violation(msg: string): XenonError {
   return new XenonError('PROXY_PROTOCOL_VIOLATION', `malformed SCRAM message: ${msg}`, { userMessage: `malformed SCRAM message: ${msg}` });
@@ -37,26 +40,63 @@ export function mockSecret(key: Buffer, endpoint: string, role: string): ScramSe
 
 export type ScramResult = { ok: true; clientKey: Buffer; serverFinal: string } | { ok: false };
 
+export interface ScramServerOptions {
+  /**
+   * The tls-server-end-point channel-binding data of this connection (a hash of our certificate),
+   * when the client is on TLS: SCRAM-SHA-256-PLUS is then offered and a client that supports
+   * channel binding must use it.
+   */
+  channelBinding?: Buffer;
+}
+
 export class ScramServerSession {
   private clientFirstBare = '';
   private serverFirst = '';
   private nonce = '';
-  private gs2Header = '';
+  /** What the client's c= attribute must carry: gs2 header, plus the binding data with 'p='. */
+  private expectedCbind = Buffer.alloc(0);
   private state: 'first' | 'final' | 'done' = 'first';
+  /** True when the exchange used channel binding (for logs and metrics). */
+  bound = false;
 
-  constructor(private readonly secret: ScramSecret) {}
+  constructor(
+    private readonly secret: ScramSecret,
+    private readonly opts: ScramServerOptions = {},
+  ) {}
 
-  /** Handles client-first-message; returns server-first-message. */
-  clientFirst(data: Buffer | null): string {
+  /** The mechanisms to offer in AuthenticationSASL, preferred first. */
+  get mechanisms(): string[] {
+    return this.opts.channelBinding ? [SCRAM_SHA_256_PLUS, SCRAM_SHA_256] : [SCRAM_SHA_256];
+  }
+
+  /** Handles client-first-message for the mechanism the client chose; returns server-first-message. */
+  clientFirst(data: Buffer | null, mechanism: string = SCRAM_SHA_256): string {
     if (this.state !== 'first') throw violation('unexpected client-first-message');
+    if (!this.mechanisms.includes(mechanism)) {
+      throw new XenonError('AUTH_METHOD_UNSUPPORTED', `client chose ${mechanism}`, {
+        userMessage: `SASL authentication mechanism ${JSON.stringify(mechanism.slice(0, 40))} is not supported here: use ${this.mechanisms.join(' or ')}`,
+      });
+    }
     if (!data || data.length === 0) throw violation('empty client-first-message');
     const msg = data.toString('utf8');
     // gs2-header: cbind-flag "," [authzid] ","
     const m = /^(n|y|p=[^,]*),([^,]*),(.*)$/s.exec(msg);
     if (!m) throw violation('bad gs2 header');
-    if (m[1]!.startsWith('p=')) throw violation('channel binding was not offered');
+    const flag = m[1]!;
+    if (mechanism === SCRAM_SHA_256_PLUS) {
+      if (!flag.startsWith('p=')) throw violation('SCRAM-SHA-256-PLUS was chosen but the client did not ask for channel binding');
+      if (flag !== `p=${TLS_SERVER_END_POINT}`) throw violation(`unsupported channel-binding type ${JSON.stringify(flag.slice(2, 40))}: only tls-server-end-point`);
+    } else if (flag.startsWith('p=')) {
+      throw violation('channel binding requested without choosing SCRAM-SHA-256-PLUS');
+    } else if (flag === 'y' && this.opts.channelBinding) {
+      // RFC 5802 §6: the client supports binding but believes we do not — we offered it, so
+      // something between us removed it from the list.
+      throw violation('channel-binding negotiation failed: the client supports channel binding and thinks the server does not, but this server offered SCRAM-SHA-256-PLUS');
+    }
     if (m[2] !== '') throw violation('authorization identities are not supported');
-    this.gs2Header = `${m[1]},${m[2]},`;
+    const gs2Header = Buffer.from(`${flag},${m[2]},`, 'latin1');
+    this.bound = mechanism === SCRAM_SHA_256_PLUS;
+    this.expectedCbind = this.bound ? Buffer.concat([gs2Header, this.opts.channelBinding!]) : gs2Header;
     this.clientFirstBare = m[3]!;
     const attrs = attributes(this.clientFirstBare);
     if (attrs[0]?.[0] === 'm') throw violation('mandatory extensions are not supported');
@@ -69,7 +109,7 @@ export class ScramServerSession {
     return this.serverFirst;
   }
 
-  /** Handles client-final-message: verifies the proof and recovers the ClientKey. */
+  /** Handles client-final-message: verifies the binding and the proof, and recovers the ClientKey. */
   clientFinal(data: Buffer): ScramResult {
     if (this.state !== 'final') throw violation('unexpected client-final-message');
     this.state = 'done';
@@ -81,7 +121,9 @@ export class ScramServerSession {
     if (attrs[0]?.[0] !== 'c' || attrs[1]?.[0] !== 'r') throw violation('expected c= and r=');
     const proofB64 = msg.slice(proofAt + 3);
     if (!B64.test(proofB64) || !B64.test(attrs[0][1])) throw violation('bad base64');
-    if (Buffer.from(attrs[0][1], 'base64').toString('latin1') !== this.gs2Header) throw violation('channel binding data mismatch');
+    if (!safeEqual(Buffer.from(attrs[0][1], 'base64'), this.expectedCbind)) {
+      throw violation(this.bound ? 'channel-binding data does not match this TLS connection' : 'channel binding data mismatch');
+    }
     if (attrs[1][1] !== this.nonce) throw violation('nonce mismatch');
     const proof = Buffer.from(proofB64, 'base64');
     if (proof.length !== SCRAM_KEY_LEN) throw violation('bad proof length');

@@ -32,6 +32,13 @@ export const STARTUP_CODES = {
 /** Largest startup-phase packet accepted, in bytes including the length word (Postgres' MAX_STARTUP_PACKET_LENGTH). */
 export const MAX_STARTUP_PACKET = 10_000;
 
+/**
+ * First byte of a TLS handshake record (a ClientHello): a client using PostgreSQL 17's
+ * `sslnegotiation=direct` starts TLS at once instead of sending an SSLRequest. As a startup
+ * packet's length word it would mean a packet of over 350 MB, so it cannot be mistaken for one.
+ */
+export const TLS_HANDSHAKE_RECORD = 0x16;
+
 /** Default cap on a typed message's body (length word excluded): 1 MiB. */
 export const DEFAULT_MAX_MESSAGE = 1024 * 1024;
 
@@ -99,6 +106,14 @@ export class FrontendReader {
     if (chunk.length === 0) return;
     this.#chunks.push(chunk);
     this.#size += chunk.length;
+  }
+
+  /**
+   * The first unconsumed byte, without consuming it (undefined when nothing is buffered). Tells a
+   * direct TLS ClientHello (0x16, a TLS handshake record) from a startup packet's length word.
+   */
+  peekByte(): number | undefined {
+    return this.#size === 0 ? undefined : this.#chunks[this.#head]![0];
   }
 
   /** Number of bytes buffered and not yet consumed. */

@@ -15,6 +15,7 @@ export type { PgWireErrorCode } from './errors.ts';
 export {
   STARTUP_CODES,
   MAX_STARTUP_PACKET,
+  TLS_HANDSHAKE_RECORD,
   DEFAULT_MAX_MESSAGE,
   MESSAGE_TYPES,
   FrontendReader,

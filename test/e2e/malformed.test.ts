@@ -263,12 +263,12 @@ async function openTls(t: Assert): Promise<Peer | undefined> {
   return peer;
 }
 
-/** Waits for the proxy's AuthenticationSASL offering SCRAM-SHA-256 (after a valid StartupMessage). */
+/** Waits for the proxy's AuthenticationSASL offering SCRAM-SHA-256-PLUS and SCRAM-SHA-256 (over TLS, after a valid StartupMessage). */
 async function awaitSasl(t: Assert, peer: Peer): Promise<boolean> {
   const got = await peer.until(() => parseBackend(peer.data).messages.length >= 1, LIMIT_MS);
   const m = parseBackend(peer.data).messages[0];
-  const ok = got && m?.type === 'R' && m.body.readInt32BE(0) === 10 && m.body.subarray(4).toString('latin1') === 'SCRAM-SHA-256\0\0';
-  t.ok(ok, `AuthenticationSASL [SCRAM-SHA-256] (got ${JSON.stringify(peer.data.toString('latin1'))})`);
+  const ok = got && m?.type === 'R' && m.body.readInt32BE(0) === 10 && m.body.subarray(4).toString('latin1') === 'SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0';
+  t.ok(ok, `AuthenticationSASL [SCRAM-SHA-256-PLUS, SCRAM-SHA-256] (got ${JSON.stringify(peer.data.toString('latin1'))})`);
   return ok;
 }
 

@@ -49,8 +49,8 @@ class FakeControlPlane implements ControlPlaneApi {
 
 function setup(opts: Partial<CachedControlPlaneOptions> = {}): { api: FakeControlPlane; cp: CachedControlPlane } {
   const api = new FakeControlPlane();
-  api.endpoints.set('ep-a', { endpoint_id: 'ep-a', project_id: 'p1', branch_id: 'b1', role_secret: null, allowed_ips: [] });
-  api.endpoints.set('ep-b', { endpoint_id: 'ep-b', project_id: 'p1', branch_id: 'b2', role_secret: null, allowed_ips: ['10.0.0.0/8'] });
+  api.endpoints.set('ep-a', { endpoint_id: 'ep-a', project_id: 'p1', branch_id: 'b1', role_secret: null, allowed_ips: [], connection_rate_limit: null });
+  api.endpoints.set('ep-b', { endpoint_id: 'ep-b', project_id: 'p1', branch_id: 'b2', role_secret: null, allowed_ips: ['10.0.0.0/8'], connection_rate_limit: null });
   const cp = new CachedControlPlane(api, { accessTtlMs: 60_000, negativeTtlMs: 60_000, maxWakeCacheMs: 60_000, ...opts });
   return { api, cp };
 }
@@ -180,7 +180,7 @@ t.test('getEndpointAccess caches positive answers per (endpoint, role)', async (
 
 t.test('getEndpointAccess: keys do not collide across the (endpoint, role) boundary', async (t) => {
   const { api, cp } = setup();
-  api.endpoints.set('ep', { endpoint_id: 'ep', project_id: 'p', branch_id: 'b', role_secret: null, allowed_ips: [] });
+  api.endpoints.set('ep', { endpoint_id: 'ep', project_id: 'p', branch_id: 'b', role_secret: null, allowed_ips: [], connection_rate_limit: null });
   await cp.getEndpointAccess('ep-a', 'alice');
   await cp.getEndpointAccess('ep', 'a-alice');
   t.equal(api.accessCalls.length, 2);
@@ -201,7 +201,7 @@ t.test('unknown endpoint: null is cached for negativeTtlMs', async (t) => {
   t.equal(api.accessCalls.length, 1, 'null cached');
   await sleep(220);
   // The endpoint now exists: after the negative TTL the proxy sees it.
-  api.endpoints.set('ep-nope', { endpoint_id: 'ep-nope', project_id: 'p', branch_id: 'b', role_secret: null, allowed_ips: [] });
+  api.endpoints.set('ep-nope', { endpoint_id: 'ep-nope', project_id: 'p', branch_id: 'b', role_secret: null, allowed_ips: [], connection_rate_limit: null });
   const now = await cp.getEndpointAccess('ep-nope', 'alice');
   t.equal(now?.endpoint_id, 'ep-nope', 'negative entry expired');
   t.equal(api.accessCalls.length, 2);

@@ -3,7 +3,7 @@
  */
 import t from 'tap';
 import { XenonError } from '../../lib/errors.ts';
-import { endpointFromOptions, endpointFromSni, resolveEndpoint, splitOptions } from '../../proxy/auth/credentials.ts';
+import { endpointFromOptions, endpointFromSni, endpointRef, parsePasswordHack, resolveEndpoint, splitOptions } from '../../proxy/auth/credentials.ts';
 
 const DOMAIN = 'localtest.me';
 
@@ -118,19 +118,33 @@ t.test('resolveEndpoint: errors', async (t) => {
   } catch (err) {
     t.ok(err instanceof XenonError);
     const e = err as XenonError;
-    t.equal(e.code, 'PROXY_ENDPOINT_MISSING');
+    t.equal(e.code, 'PROXY_ENDPOINT_MISMATCH');
     t.equal(e.sqlstate, '08004');
     t.match(e.userMessage, /ep-one/);
     t.match(e.userMessage, /ep-two/);
     t.match(e.message, /ep-one/);
     t.match(e.message, /ep-two/);
   }
-  t.throws(() => resolveEndpoint(undefined, undefined), { code: 'PROXY_ENDPOINT_MISSING' }, 'neither');
+  t.equal(resolveEndpoint(undefined, undefined), undefined, 'neither: the caller may try the password hack');
   t.throws(() => resolveEndpoint('', ''), { code: 'PROXY_ENDPOINT_MISSING' }, 'both empty');
   t.throws(() => resolveEndpoint(undefined, ''), { code: 'PROXY_ENDPOINT_MISSING' }, 'endpoint= with no value');
   t.throws(() => resolveEndpoint(undefined, 'ep_bad'), { code: 'PROXY_ENDPOINT_MISSING' }, 'invalid id in options');
   t.throws(() => resolveEndpoint(undefined, 'x.y'), { code: 'PROXY_ENDPOINT_MISSING' }, 'dots in options');
-  t.throws(() => resolveEndpoint('ep-a', 'ep-a-pooler'), { code: 'PROXY_ENDPOINT_MISSING' }, 'pooled in one place, not the other');
+  t.throws(() => resolveEndpoint('ep-a', 'ep-a-pooler'), { code: 'PROXY_ENDPOINT_MISMATCH' }, 'pooled in one place, not the other');
+  t.throws(() => endpointRef('ep_bad', 'password'), { code: 'PROXY_ENDPOINT_MISSING', userMessage: /invalid endpoint ID "ep_bad"/ }, 'a malformed id is named');
+});
+
+t.test('parsePasswordHack', async (t) => {
+  t.same(parsePasswordHack('endpoint=ep-a-1;s3cret'), { endpoint: 'ep-a-1', password: 's3cret' }, '; separator');
+  t.same(parsePasswordHack('endpoint=ep-a-1$s3cret'), { endpoint: 'ep-a-1', password: 's3cret' }, '$ separator');
+  t.same(parsePasswordHack('endpoint=EP-A;pw;with;semis$and$dollars'), { endpoint: 'ep-a', password: 'pw;with;semis$and$dollars' }, 'only the first separator splits; id lower-cased');
+  t.same(parsePasswordHack('endpoint=ep-a;'), { endpoint: 'ep-a', password: '' }, 'empty password is still parsed (and then fails auth)');
+  t.same(parsePasswordHack('endpoint=ep-a-pooler;x'), { endpoint: 'ep-a-pooler', password: 'x' }, 'pooler suffix kept for endpointRef');
+  t.equal(parsePasswordHack('s3cret'), undefined, 'a plain password');
+  t.equal(parsePasswordHack('endpoint=ep-a'), undefined, 'no separator');
+  t.equal(parsePasswordHack('Endpoint=ep-a;x'), undefined, 'the key is case-sensitive');
+  t.equal(parsePasswordHack(' endpoint=ep-a;x'), undefined, 'no leading space');
+  t.same(endpointRef('ep-a-pooler', 'password'), { endpoint: 'ep-a', pooled: true, source: 'password' });
 });
 
 t.test('SNI + options end to end', async (t) => {
