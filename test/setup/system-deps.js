@@ -14,10 +14,30 @@ const NEEDS = [
   { what: `pgbench (${PG_BIN}/pgbench)`, ok: () => existsSync(`${PG_BIN}/pgbench`), pkg: `postgresql-${PG_MAJOR}` },
   { what: 'psql', ok: () => onPath('psql'), pkg: `postgresql-client-${PG_MAJOR}` },
   { what: 'openssl', ok: () => onPath('openssl'), pkg: 'openssl' },
+  // The client matrix (test/e2e/client-matrix.test.ts) also drives Python psycopg2 (Debian's
+  // /usr/bin/python3, not a pyenv one) and Java pgJDBC (a source file run with `java File.java`).
+  { what: 'python3-psycopg2', ok: () => dpkgInstalled('python3-psycopg2'), pkg: 'python3-psycopg2' },
+  { what: 'pgJDBC (/usr/share/java/postgresql.jar)', ok: () => existsSync('/usr/share/java/postgresql.jar'), pkg: 'libpostgresql-jdbc-java' },
+  { what: 'a JDK that runs a source file (java File.java)', ok: () => javaRunsSource(), pkg: 'default-jdk-headless' },
 ];
 
 function onPath(cmd) {
   return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
+}
+
+function dpkgInstalled(pkg) {
+  const r = spawnSync('dpkg-query', ['-W', '-f=${db:Status-Status}', pkg], { encoding: 'utf8' });
+  return r.status === 0 && r.stdout.trim() === 'installed';
+}
+
+/**
+ * Source-launch mode (`java File.java`) needs the jdk.compiler module: a JRE alone has a `java`
+ * that cannot run it. Listing the modules is quick (no JVM warm-up of a compile).
+ */
+function javaRunsSource() {
+  if (!onPath('java')) return false;
+  const r = spawnSync('java', ['--list-modules'], { encoding: 'utf8' });
+  return r.status === 0 && /^jdk\.compiler@/m.test(r.stdout);
 }
 
 const major = Number(process.versions.node.split('.')[0]);
