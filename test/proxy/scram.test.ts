@@ -283,3 +283,49 @@ t.test('ScramKeyClient: a wrong ClientKey is rejected by the compute', async (t)
   const sf = compute.clientFirst(b(client.first()));
   t.same(compute.clientFinal(b(client.final(sf))), { ok: false });
 });
+
+// ---------------------------------------------------------------- channel binding (SCRAM-SHA-256-PLUS)
+
+t.test('channel binding: offered only with binding data; the client must bind to this connection', async (t) => {
+  const secret = makeScramSecret('bound');
+  const cb = sha256(b('our certificate'));
+  t.same(new ScramServerSession(secret).mechanisms, ['SCRAM-SHA-256'], 'no TLS: plain SCRAM only');
+  const server = new ScramServerSession(secret, { channelBinding: cb });
+  t.same(server.mechanisms, ['SCRAM-SHA-256-PLUS', 'SCRAM-SHA-256'], 'over TLS: PLUS first');
+
+  // A full PLUS exchange, computed by hand (pg's client needs a TLS socket for the binding data).
+  const nonce = 'rOprNGfwEbeRWgbNEkqO';
+  const first = `p=tls-server-end-point,,n=,r=${nonce}`;
+  const serverFirst = server.clientFirst(b(first), 'SCRAM-SHA-256-PLUS');
+  const attrs = new Map(serverFirst.split(',').map((kv) => [kv[0]!, kv.slice(2)] as const));
+  const salted = (await import('node:crypto')).pbkdf2Sync('bound', Buffer.from(attrs.get('s')!, 'base64'), Number(attrs.get('i')), 32, 'sha256');
+  const clientKey = hmac(salted, 'Client Key');
+  const cbind = Buffer.concat([b('p=tls-server-end-point,,'), cb]).toString('base64');
+  const withoutProof = `c=${cbind},r=${attrs.get('r')}`;
+  const authMessage = `n=,r=${nonce},${serverFirst},${withoutProof}`;
+  const sig = hmac(sha256(clientKey), authMessage);
+  const proof = Buffer.from(clientKey.map((x, i) => x ^ sig[i]!)).toString('base64');
+  const result = server.clientFinal(b(`${withoutProof},p=${proof}`));
+  t.equal(result.ok, true, 'bound exchange succeeds');
+  t.equal(server.bound, true);
+  if (result.ok) t.same(result.clientKey, clientKey, 'the ClientKey is recovered as without binding');
+
+  // The same proof with another connection's binding data fails.
+  const other = new ScramServerSession(secret, { channelBinding: sha256(b('a different certificate')) });
+  other.clientFirst(b(first), 'SCRAM-SHA-256-PLUS');
+  t.throws(() => other.clientFinal(b(`c=${cbind},r=x,p=${proof}`)), { code: 'PROXY_PROTOCOL_VIOLATION', message: /channel-binding data does not match/ }, 'binding data of another connection');
+});
+
+t.test('channel binding: negotiation errors', async (t) => {
+  const secret = makeScramSecret('x');
+  const cb = sha256(b('cert'));
+  const fresh = () => new ScramServerSession(secret, { channelBinding: cb });
+  t.throws(() => fresh().clientFirst(b('y,,n=,r=abc'), 'SCRAM-SHA-256'), { code: 'PROXY_PROTOCOL_VIOLATION', message: /thinks the server does not/ }, "'y' while we offered PLUS: a downgrade");
+  t.doesNotThrow(() => new ScramServerSession(secret).clientFirst(b('y,,n=,r=abc'), 'SCRAM-SHA-256'), "'y' is fine when PLUS was not offered");
+  t.doesNotThrow(() => fresh().clientFirst(b('n,,n=,r=abc'), 'SCRAM-SHA-256'), "'n' (client without binding) is fine");
+  t.throws(() => fresh().clientFirst(b('n,,n=,r=abc'), 'SCRAM-SHA-256-PLUS'), { message: /did not ask for channel binding/ }, 'PLUS chosen without p=');
+  t.throws(() => fresh().clientFirst(b('p=tls-unique,,n=,r=abc'), 'SCRAM-SHA-256-PLUS'), { message: /unsupported channel-binding type "tls-unique"/ });
+  t.throws(() => fresh().clientFirst(b('p=tls-server-end-point,,n=,r=abc'), 'SCRAM-SHA-256'), { message: /without choosing SCRAM-SHA-256-PLUS/ });
+  t.throws(() => new ScramServerSession(secret).clientFirst(b('p=tls-server-end-point,,n=,r=abc'), 'SCRAM-SHA-256-PLUS'), { code: 'AUTH_METHOD_UNSUPPORTED', sqlstate: '28000' }, 'PLUS without TLS was never offered');
+  t.throws(() => fresh().clientFirst(b('n,,n=,r=abc'), 'SCRAM-SHA-1'), { code: 'AUTH_METHOD_UNSUPPORTED', userMessage: /"SCRAM-SHA-1" is not supported here: use SCRAM-SHA-256-PLUS or SCRAM-SHA-256/ });
+});
