@@ -1,0 +1,178 @@
+// The proxy's wake/connect retries (issue 3, part 5), in-process against a real Postgres compute,
+// with a small scripted control-plane double (the e2e tests use the real control plane): backoff on
+// retryable wake answers, no retry on final ones, a failing cached address invalidated and
+// re-woken, connect timeouts retried, and compute errors passed through without a re-wake.
+import t from 'tap';
+import pg from 'pg';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createSecureContext } from 'node:tls';
+import { createCa, createServerCert } from '../../certs/generate.ts';
+import { XenonError } from '../../lib/errors.ts';
+import { createLogger } from '../../lib/logger.ts';
+import { findFreePort, findPgBin, initdb, pgRunAs, PostgresProcess } from '../../lib/postgres.ts';
+import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
+import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
+
+type WakeStep = ComputeInfo | XenonError;
+
+/** A control plane that answers wakes from a script (then repeats the last step). */
+class ScriptedControlPlane implements ControlPlaneApi {
+  wakes = 0;
+  script: WakeStep[] = [];
+  constructor(private readonly access: EndpointAccess) {}
+  async getEndpointAccess(endpoint: string): Promise<EndpointAccess | null> {
+    return endpoint === this.access.endpoint_id ? this.access : null;
+  }
+  async wakeCompute(): Promise<ComputeInfo> {
+    const step = this.script[Math.min(this.wakes, this.script.length - 1)]!;
+    this.wakes++;
+    if (step instanceof XenonError) throw step;
+    return step;
+  }
+  async reportConnections() {
+    return { ok: true as const, invalidate: [], invalidate_access: [] };
+  }
+}
+
+const EP = 'ep-retry-1';
+
+t.test('wake and connect retries', async (t) => {
+  const bin = findPgBin(process.env);
+  const runAs = pgRunAs(process.env);
+  const root = mkdtempSync(join(tmpdir(), 'xenon-retry-'));
+  chmodSync(root, 0o755);
+  t.teardown(() => rmSync(root, { recursive: true, force: true }));
+  const dataDir = join(root, 'c', 'pgdata');
+  await initdb({ bin, dataDir, superuser: 'admin', password: 'admin-pw', runAs, noSync: true });
+  let port = await findFreePort(30000, 39999);
+  let proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(root, 'pg.log') });
+  t.teardown(() => proc.stop('immediate'));
+  const admin = new pg.Client({ host: '127.0.0.1', port, user: 'admin', password: 'admin-pw', database: 'postgres' });
+  await admin.connect();
+  await admin.query(`CREATE ROLE app LOGIN PASSWORD 'app-password' CONNECTION LIMIT 1`);
+  const { rows } = await admin.query<{ s: string }>(`SELECT rolpassword AS s FROM pg_authid WHERE rolname = 'app'`);
+  await admin.end();
+
+  const cp = new ScriptedControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: rows[0]!.s, allowed_ips: [], connection_rate_limit: null });
+  const ca = createCa();
+  const cert = createServerCert(ca, '*.localtest.me', [{ dns: '*.localtest.me' }]);
+  const config = loadProxyConfig({
+    XENON_PROXY_PORT: '0',
+    XENON_PROXY_METRICS_PORT: '0',
+    XENON_PROXY_COMPUTE_CONNECT_TIMEOUT_MS: '400',
+    XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS: '4',
+    XENON_PROXY_REPORT_INTERVAL_MS: '60000',
+  }, []);
+  const proxy = await startProxy(config, {
+    logger: createLogger({ level: 'error', service: 'proxy-test' }),
+    controlPlane: cp,
+    secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),
+  });
+  t.teardown(() => proxy.close());
+  const clientCfg = (o: Partial<pg.ClientConfig> = {}): pg.ClientConfig => ({
+    host: '127.0.0.1',
+    port: proxy.address.port,
+    user: 'app',
+    password: 'app-password',
+    database: 'postgres',
+    ssl: { ca: ca.certPem, servername: `${EP}.localtest.me` },
+    ...o,
+  });
+  const info = (p: number, ttl = 0): ComputeInfo => ({ endpoint_id: EP, host: '127.0.0.1', port: p, cold: false, cache_ttl_ms: ttl });
+  const retries = async (): Promise<number> => (await proxy.metrics.computeRetries.get()).values[0]?.value ?? 0;
+  const attempt = async (o: Partial<pg.ClientConfig> = {}): Promise<{ code: string; message: string; ms: number }> => {
+    const c = new pg.Client(clientCfg(o));
+    c.on('error', () => {});
+    const t0 = performance.now();
+    try {
+      await c.connect();
+      await c.query('SELECT 1');
+      return { code: 'ok', message: '', ms: performance.now() - t0 };
+    } catch (err) {
+      const e = err as { code?: string; message: string };
+      return { code: e.code ?? 'none', message: e.message, ms: performance.now() - t0 };
+    } finally {
+      await c.end().catch(() => {});
+    }
+  };
+
+  await t.test('retryable wake answers are retried with backoff', async (t) => {
+    cp.wakes = 0;
+    cp.script = [new XenonError('CP_UNAVAILABLE'), new XenonError('CP_COMPUTE_START_FAILED'), info(port)];
+    const before = await retries();
+    const r = await attempt();
+    t.equal(r.code, 'ok', r.message);
+    t.equal(cp.wakes, 3, 'woken three times');
+    t.equal((await retries()) - before, 2, 'two retries counted');
+    t.ok(r.ms >= 100, `with backoff between them (${Math.round(r.ms)} ms)`);
+  });
+
+  await t.test('a final wake answer is not retried', async (t) => {
+    cp.wakes = 0;
+    cp.script = [new XenonError('CP_ENDPOINT_DISABLED')];
+    const r = await attempt();
+    t.equal(r.code, '57P03');
+    t.match(r.message, /the endpoint is disabled/);
+    t.equal(cp.wakes, 1);
+  });
+
+  await t.test('refused and silent computes: retried with a re-wake each time, then 57P03', async (t) => {
+    // Nothing listens on deadPort; the silent server accepts and never answers.
+    const deadPort = await findFreePort(30000, 39999);
+    const silent: Server = createServer(() => {});
+    await new Promise<void>((r) => silent.listen(0, '127.0.0.1', () => r()));
+    t.teardown(() => silent.close());
+    const silentPort = (silent.address() as { port: number }).port;
+
+    cp.wakes = 0;
+    cp.script = [info(deadPort), info(silentPort), info(port)];
+    const r = await attempt();
+    t.equal(r.code, 'ok', `refused, then timed out, then the real compute: ${r.message}`);
+    t.equal(cp.wakes, 3);
+    t.ok(r.ms >= 400, `the silent compute cost its connect timeout (${Math.round(r.ms)} ms)`);
+
+    cp.wakes = 0;
+    cp.script = [info(deadPort)];
+    const gaveUp = await attempt();
+    t.equal(gaveUp.code, '57P03', `after every attempt: ${gaveUp.message}`);
+    t.match(gaveUp.message, /could not connect to the compute node/);
+    t.equal(cp.wakes, 4, 'XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS wakes');
+  });
+
+  await t.test('a cached address that fails is invalidated and woken again at once', async (t) => {
+    cp.wakes = 0;
+    cp.script = [info(port, 60_000)];
+    t.equal((await attempt()).code, 'ok');
+    t.equal((await attempt()).code, 'ok');
+    t.equal(cp.wakes, 1, 'the second connection used the cached answer');
+    // The compute restarts on another port (as after a stop and a cold start).
+    await proc.stop('fast');
+    port = await findFreePort(30000, 39999);
+    proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(root, 'pg.log') });
+    cp.script = [info(port, 60_000)];
+    const r = await attempt();
+    t.equal(r.code, 'ok', r.message);
+    t.equal(cp.wakes, 2, 'one fresh wake after the cached address failed');
+    t.ok(r.ms < 1_000, `no backoff for a stale cached address (${Math.round(r.ms)} ms)`);
+  });
+
+  await t.test('errors from the compute itself reach the client as they are, without a re-wake', async (t) => {
+    const wakesBefore = cp.wakes;
+    const retriesBefore = await retries();
+    const db = await attempt({ database: 'nope' });
+    t.equal(db.code, '3D000');
+    t.match(db.message, /database "nope" does not exist/);
+    // CONNECTION LIMIT 1: a second session of the role is refused by Postgres.
+    const holder = new pg.Client(clientCfg());
+    await holder.connect();
+    const full = await attempt();
+    await holder.end();
+    t.equal(full.code, '53300');
+    t.match(full.message, /too many connections for role "app"/);
+    t.equal(cp.wakes, wakesBefore, 'no wake (cached answer, and no re-wake)');
+    t.equal(await retries(), retriesBefore, 'no retry');
+  });
+});
