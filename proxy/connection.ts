@@ -212,7 +212,13 @@ class ClientConn {
   }
 }
 
-export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestContext): Promise<void> {
+/**
+ * Serves one client socket. With `reject`, the handshake still runs (so the client can read the
+ * error: libpq and pg expect TLS first, and CancelRequests are still forwarded), then the client
+ * gets that error instead of a session — how an over-capacity proxy answers, as Postgres answers
+ * "too many clients" after the SSL negotiation.
+ */
+export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestContext, reject?: XenonError): Promise<void> {
   const { config, metrics } = deps;
   raw.setNoDelay(true);
   raw.setKeepAlive(true, 60_000);
@@ -233,6 +239,7 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     deadline(config.startupTimeoutMs, 'PROXY_STARTUP_TIMEOUT');
     const hs = await handshake(conn, deps, ctx, peerIp);
     if (!hs) return; // a CancelRequest, answered
+    if (reject) throw reject;
     const { tls, sni, startup } = hs;
     if (!tls && config.requireTls) throw new XenonError('PROXY_TLS_REQUIRED');
 

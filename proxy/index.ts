@@ -73,16 +73,25 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     cancel: new KeyedLeakyBucket(config.cancelRate),
   };
   const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits };
+  const rejectDeps = {
+    ...sessionDeps,
+    config: { ...config, startupTimeoutMs: Math.min(config.startupTimeoutMs, 2_000), idleStartupTimeoutMs: Math.min(config.idleStartupTimeoutMs, 1_000), tlsHandshakeTimeoutMs: Math.min(config.tlsHandshakeTimeoutMs, 1_000) },
+  };
 
   const server: Server = createServer({ noDelay: true }, (socket) => {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    // Over the cap, a client still gets a readable 53300 after its handshake (short timeouts);
+    // far over it (twice the cap), sockets are closed unread: that is an attack, not a burst.
+    let reject: XenonError | undefined;
     if (sockets.size >= config.maxClientConnections) {
-      const xe = new XenonError('PROXY_TOO_MANY_CONNECTIONS');
-      metrics.errors.inc({ kind: xe.kind, code: xe.code });
+      reject = new XenonError('PROXY_TOO_MANY_CONNECTIONS');
       metrics.rateLimited.inc({ limit: 'max_connections' });
-      socket.on('error', () => {});
-      socket.end(backend.errorResponse({ severity: 'FATAL', code: xe.sqlstate, message: xe.userMessage }));
-      return;
+      if (sockets.size >= 2 * config.maxClientConnections) {
+        metrics.errors.inc({ kind: reject.kind, code: reject.code });
+        socket.on('error', () => {});
+        socket.destroy();
+        return;
+      }
     }
     sockets.add(socket);
     metrics.connectionsOpened.inc({ protocol: 'tcp' });
@@ -93,7 +102,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
       metrics.connectionsActive.dec({ protocol: 'tcp' });
     });
     const ctx = new RequestContext(peer, 'tcp', logger);
-    handleClient(socket, sessionDeps, ctx).catch((err: Error) => {
+    handleClient(socket, reject ? rejectDeps : sessionDeps, ctx, reject).catch((err: Error) => {
       // handleClient answers every error itself; this is a last line of defence.
       logger.error('unhandled connection error', { err });
       socket.destroy();

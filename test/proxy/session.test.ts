@@ -1,14 +1,16 @@
-// The proxy's wake/connect retries (issue 3, part 5), in-process against a real Postgres compute,
-// with a small scripted control-plane double (the e2e tests use the real control plane): backoff on
+// The proxy in-process against a real Postgres compute, with a small scripted control-plane double
+// (the e2e tests use the real control plane). Wake/connect retries (issue 3, part 5): backoff on
 // retryable wake answers, no retry on final ones, a failing cached address invalidated and
-// re-woken, connect timeouts retried, and compute errors passed through without a re-wake.
+// re-woken, connect timeouts retried, compute errors passed through without a re-wake. Also
+// NegotiateProtocolVersion, the per-proxy connection cap, and what the logs say (and never say).
 import t from 'tap';
 import pg from 'pg';
 import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createSecureContext } from 'node:tls';
+import { connect as tlsConnect, createSecureContext } from 'node:tls';
+import { connect as netConnect } from 'node:net';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { XenonError } from '../../lib/errors.ts';
 import { createLogger } from '../../lib/logger.ts';
@@ -66,8 +68,9 @@ t.test('wake and connect retries', async (t) => {
     XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS: '4',
     XENON_PROXY_REPORT_INTERVAL_MS: '60000',
   }, []);
+  const logLines: string[] = [];
   const proxy = await startProxy(config, {
-    logger: createLogger({ level: 'error', service: 'proxy-test' }),
+    logger: createLogger({ level: 'debug', service: 'proxy-test', stream: { write: (l: string) => logLines.push(l) } }),
     controlPlane: cp,
     secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),
   });
@@ -174,5 +177,68 @@ t.test('wake and connect retries', async (t) => {
     t.match(full.message, /too many connections for role "app"/);
     t.equal(cp.wakes, wakesBefore, 'no wake (cached answer, and no re-wake)');
     t.equal(await retries(), retriesBefore, 'no retry');
+  });
+
+  await t.test('NegotiateProtocolVersion for protocol 3.1 and _pq_ options', async (t) => {
+    cp.script = [info(port)];
+    const data = await new Promise<Buffer>((resolve) => {
+      let got = Buffer.alloc(0);
+      const s = tlsConnect({ host: '127.0.0.1', port: proxy.address.port, ca: ca.certPem, servername: `${EP}.localtest.me`, ALPNProtocols: ['postgresql'] }, () => {
+        const params = Buffer.from('user\0app\0database\0postgres\0_pq_.compression\0on\0\0');
+        const head = Buffer.alloc(8);
+        head.writeInt32BE(8 + params.length, 0);
+        head.writeInt32BE((3 << 16) | 1, 4);
+        s.write(Buffer.concat([head, params]));
+      });
+      s.on('data', (d: Buffer) => {
+        got = Buffer.concat([got, d]);
+        if (got.includes(Buffer.from('SCRAM-SHA-256\0\0'))) s.destroy();
+      });
+      s.on('close', () => resolve(got));
+      s.on('error', () => {});
+    });
+    // 'v', length, newest minor supported (0), one unrecognised option, its name; then 'R' (SASL).
+    t.equal(String.fromCharCode(data[0]!), 'v', 'NegotiateProtocolVersion first');
+    const len = data.readInt32BE(1);
+    t.equal(data.readInt32BE(5), 196608, 'protocol 3.0 offered (the full version word, as Postgres sends it)');
+    t.equal(data.readInt32BE(9), 1, 'one unrecognised option');
+    t.equal(data.subarray(13, 1 + len).toString('latin1'), '_pq_.compression\0', 'named');
+    t.equal(String.fromCharCode(data[1 + len]!), 'R', 'then authentication goes on');
+    t.equal(data.readInt32BE(1 + len + 5), 10, 'AuthenticationSASL');
+  });
+
+  await t.test('the per-proxy connection cap', async (t) => {
+    const capped = await startProxy(loadProxyConfig({ XENON_PROXY_PORT: '0', XENON_PROXY_METRICS_PORT: '0', XENON_PROXY_MAX_CONNECTIONS: '1' }, []), {
+      logger: createLogger({ level: 'silent' }),
+      controlPlane: cp,
+      secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),
+    });
+    t.teardown(() => capped.close());
+    const hog = netConnect(capped.address.port, '127.0.0.1');
+    hog.on('error', () => {});
+    await new Promise((r) => hog.once('connect', r));
+    t.ok(await new Promise((r) => { const poll = () => (capped.openConnections === 1 ? r(true) : setTimeout(poll, 10)); poll(); }));
+    const r = await attempt({ port: capped.address.port });
+    t.equal(r.code, '53300');
+    t.match(r.message, /too many connections to the proxy/);
+    hog.destroy();
+    await new Promise((r2) => setTimeout(r2, 50));
+    t.equal((await attempt({ port: capped.address.port })).code, 'ok', 'a slot freed is usable again');
+  });
+
+  await t.test('logs: one JSON line per event, per-connection fields and timings, never a secret', async (t) => {
+    const records = logLines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    const started = records.filter((r) => r.msg === 'session started');
+    t.ok(started.length >= 5, 'session started lines');
+    for (const r of started) {
+      t.match(r, { sessionId: /^[0-9a-f-]{36}$/, endpoint: EP, role: 'app', peer: /^127\.0\.0\.1:\d+$/, tls: true, auth: 'scram', endpointFrom: 'sni' }, 'identifies the session');
+      for (const k of ['tlsMs', 'authMs', 'wakeMs', 'connectMs', 'totalMs']) t.type(r[k], 'number', `${k}`);
+    }
+    t.ok(records.some((r) => r.msg === 'session ended' && typeof r.bytesToClient === 'number'), 'session ended with byte counts');
+    t.ok(records.some((r) => r.msg === 'compute connect failed; waking again' && r.endpoint === EP), 'retries are logged');
+    const all = logLines.join('');
+    t.notOk(all.includes('app-password'), 'the password never appears');
+    t.notOk(all.includes(rows[0]!.s.split('$')[2]!.split(':')[0]!), 'nor the stored key');
+    t.notOk(/"p=|c=biws|r=[A-Za-z0-9+/]{20}/.test(all), 'nor SCRAM messages');
   });
 });
