@@ -9,6 +9,19 @@ import type { BucketLimit } from './rate-limit.ts';
 export interface ProxyConfig {
   readonly host: string;
   readonly port: number;
+  /** WebSocket (`/v2`, any path) and SQL over HTTP (`/sql`): TLS, or plain HTTP from loopback peers. */
+  readonly httpHost: string;
+  readonly httpPort: number;
+  /** Plain HTTP (no TLS) from loopback peers on the HTTP port; other peers must use TLS. */
+  readonly httpAllowPlainLocal: boolean;
+  /** SQL over HTTP: largest request body, largest response (413 / 507 beyond). */
+  readonly sqlMaxRequestBytes: number;
+  readonly sqlMaxResponseBytes: number;
+  /** SQL over HTTP: compute connections kept per (endpoint, database, role), and how long idle. */
+  readonly sqlPoolMaxPerEndpoint: number;
+  readonly sqlPoolIdleMs: number;
+  /** SQL over HTTP: statement timeout of one request. */
+  readonly sqlQueryTimeoutMs: number;
   readonly metricsHost: string;
   readonly metricsPort: number;
   readonly domain: string;
@@ -52,6 +65,14 @@ export function loadProxyConfig(env: Env = process.env, argv: readonly string[] 
   return Object.freeze({
     host: c.string('XENON_PROXY_HOST', '127.0.0.1', 'host'),
     port: c.int('XENON_PROXY_PORT', 4432, { min: 0, max: 65535, flag: 'port' }),
+    httpHost: c.string('XENON_PROXY_HTTP_HOST', c.string('XENON_PROXY_HOST', '127.0.0.1', 'host')),
+    httpPort: c.int('XENON_PROXY_HTTP_PORT', 4444, { min: 0, max: 65535, flag: 'http-port' }),
+    httpAllowPlainLocal: c.bool('XENON_PROXY_HTTP_ALLOW_PLAIN_LOCAL', true),
+    sqlMaxRequestBytes: c.int('XENON_SQL_MAX_REQUEST_BYTES', 10 * 1024 * 1024, { min: 1024 }),
+    sqlMaxResponseBytes: c.int('XENON_SQL_MAX_RESPONSE_BYTES', 10 * 1024 * 1024, { min: 1024 }),
+    sqlPoolMaxPerEndpoint: c.int('XENON_SQL_POOL_MAX', 10, { min: 1, max: 1000 }),
+    sqlPoolIdleMs: c.int('XENON_SQL_POOL_IDLE_MS', 60_000, { min: 100 }),
+    sqlQueryTimeoutMs: c.int('XENON_SQL_QUERY_TIMEOUT_MS', 120_000, { min: 100 }),
     metricsHost: c.string('XENON_PROXY_METRICS_HOST', '127.0.0.1'),
     metricsPort: c.int('XENON_PROXY_METRICS_PORT', 7001, { min: 0, max: 65535, flag: 'metrics-port' }),
     domain: c.string('XENON_DOMAIN', 'localtest.me', 'domain').toLowerCase(),

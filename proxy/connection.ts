@@ -8,15 +8,16 @@
  * ParameterStatus and a proxy-owned BackendKeyData → pipe.
  */
 import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { EndpointAccess } from '../wake-compute/api.ts';
-import { IpAllowlist } from '../lib/ip-allowlist.ts';
 import { asXenonError, XenonError } from '../lib/errors.ts';
 import { setTimeout as delay } from 'node:timers/promises';
-import { clientKeyFromPassword, parseScramSecret, type ScramSecret } from '../lib/scram.ts';
+import type { ScramSecret } from '../lib/scram.ts';
+import { authFailed, checkEndpointAccess, checkFailedAuthLimit, type PasswordVerifier, type ProxyLimits } from './auth/access.ts';
 import { tlsServerEndPoint } from './auth/channel-binding.ts';
 import { endpointFromOptions, endpointFromSni, endpointRef, parsePasswordHack, resolveEndpoint, type EndpointRef } from './auth/credentials.ts';
-import { mockSecret, ScramServerSession } from './auth/scram.ts';
+import { ScramServerSession } from './auth/scram.ts';
 import { allocateCancelKey, cancelKey, sendCancel, type CancelMap } from './cancellation.ts';
 import { ComputeError, connectCompute, type ComputeSession } from './connect-compute.ts';
 import type { ProxyConfig } from './config.ts';
@@ -25,7 +26,7 @@ import { PHASES, RequestContext } from './context.ts';
 import type { CachedControlPlane } from './control-plane.ts';
 import type { ProxyMetrics } from './metrics.ts';
 import { pipeBoth } from './passthrough.ts';
-import { plainAddress, sourceNetwork, type KeyedLeakyBucket } from './rate-limit.ts';
+import { plainAddress, sourceNetwork } from './rate-limit.ts';
 import {
   backend,
   DEFAULT_MAX_MESSAGE,
@@ -47,17 +48,10 @@ export interface SessionDeps {
   metrics: ProxyMetrics;
   secureContext: () => SecureContext;
   limits: ProxyLimits;
+  passwords: PasswordVerifier;
 }
 
-/** The proxy's leaky buckets, shared by every connection. */
-export interface ProxyLimits {
-  /** Connection attempts per endpoint. */
-  connect: KeyedLeakyBucket;
-  /** Failed authentications per source address. */
-  failedAuth: KeyedLeakyBucket;
-  /** CancelRequests per source network. */
-  cancel: KeyedLeakyBucket;
-}
+export type { ProxyLimits };
 
 /** ALPN protocol of the Postgres wire protocol (PostgreSQL 17). */
 const ALPN_POSTGRESQL = 'postgresql';
@@ -75,7 +69,8 @@ const MAX_BUFFERED = MAX_STARTUP_PACKET + DEFAULT_MAX_MESSAGE;
 
 /** The client side: a socket (plain, then TLS) feeding a FrontendReader, read with `await`. */
 class ClientConn {
-  socket: Socket;
+  /** A TCP socket (a TLSSocket after the upgrade), or a WebSocket's byte stream. */
+  socket: Duplex;
   readonly reader = new FrontendReader();
   private waiter?: () => void;
   private gone = false;
@@ -83,7 +78,7 @@ class ClientConn {
   failed = false;
 
   constructor(
-    socket: Socket,
+    socket: Duplex,
     private readonly idleTimeoutMs: number,
   ) {
     this.socket = socket;
@@ -107,14 +102,14 @@ class ClientConn {
     w?.();
   }
 
-  private attach(s: Socket): void {
+  private attach(s: Duplex): void {
     s.on('data', this.onData);
     s.on('end', this.onGone);
     s.on('close', this.onGone);
     s.on('error', this.onGone);
   }
 
-  private detachListeners(s: Socket): void {
+  private detachListeners(s: Duplex): void {
     s.off('data', this.onData);
     s.off('end', this.onGone);
     s.off('close', this.onGone);
@@ -154,7 +149,7 @@ class ClientConn {
    * Resolves with the SNI name.
    */
   async upgradeTls(context: () => SecureContext, timeoutMs: number, direct: boolean): Promise<string | undefined> {
-    const raw = this.socket;
+    const raw = this.socket as Socket;
     raw.pause();
     this.detachListeners(raw);
     raw.on('error', () => {}); // errors surface on the TLS socket
@@ -218,12 +213,27 @@ class ClientConn {
  * gets that error instead of a session — how an over-capacity proxy answers, as Postgres answers
  * "too many clients" after the SSL negotiation.
  */
-export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestContext, reject?: XenonError): Promise<void> {
+export interface ClientOptions {
+  /** Answer with this error after the handshake (an over-capacity proxy). */
+  reject?: XenonError;
+  /** WebSocket sessions: the client's address (from the HTTP connection). */
+  peerIp?: string;
+  /** WebSocket sessions: the host name naming the endpoint (Host header or `?address=`), read like SNI. */
+  hostName?: string;
+  /** WebSocket sessions: the HTTP connection is TLS (or loopback plain HTTP, allowed locally). */
+  secure?: boolean;
+}
+
+export async function handleClient(raw: Duplex, deps: SessionDeps, ctx: RequestContext, o: ClientOptions = {}): Promise<void> {
   const { config, metrics } = deps;
-  raw.setNoDelay(true);
-  raw.setKeepAlive(true, 60_000);
+  const tcp = ctx.protocol === 'tcp';
+  if (tcp) {
+    (raw as Socket).setNoDelay(true);
+    (raw as Socket).setKeepAlive(true, 60_000);
+  }
   const conn = new ClientConn(raw, config.idleStartupTimeoutMs);
-  const peerIp = plainAddress(raw.remoteAddress);
+  const peerIp = o.peerIp ?? plainAddress((raw as Socket).remoteAddress);
+  const reject = o.reject;
   let timer: NodeJS.Timeout | undefined;
   const deadline = (ms: number, code: 'PROXY_STARTUP_TIMEOUT' | 'PROXY_AUTH_TIMEOUT'): void => {
     clearTimeout(timer);
@@ -240,7 +250,9 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     const hs = await handshake(conn, deps, ctx, peerIp);
     if (!hs) return; // a CancelRequest, answered
     if (reject) throw reject;
-    const { tls, sni, startup } = hs;
+    const { startup } = hs;
+    const tls = tcp ? hs.tls : (o.secure ?? false);
+    const sni = tcp ? hs.sni : o.hostName;
     if (!tls && config.requireTls) throw new XenonError('PROXY_TLS_REQUIRED');
 
     // ---- startup parameters
@@ -327,7 +339,7 @@ export async function handleClient(raw: Socket, deps: SessionDeps, ctx: RequestC
     ctx.logger.info('session started', { ...roundTimings(ctx), cold: ctx.cold, auth: auth.method, endpointFrom: ref.source, tls, database });
     const endpoint = counted;
     counted = undefined; // released when the pipe closes
-    pipeBoth(conn.socket, session.socket, (r) => {
+    pipeBoth(conn.socket as Socket, session.socket, (r) => {
       deps.tracker.dec(endpoint);
       void Promise.resolve(deps.cancels.delete(key.key)).catch((err: Error) => ctx.logger.warn('could not forget a cancel key', { err }));
       metrics.sessionsActive.dec(labels);
@@ -365,17 +377,24 @@ async function handshake(
     ctx.end();
     tls = true;
   };
+  const tcp = ctx.protocol === 'tcp';
   for (;;) {
     // PostgreSQL 17 `sslnegotiation=direct`: a TLS record instead of an SSLRequest.
-    if (!tls && (await conn.read(() => conn.reader.peekByte() ?? null)) === TLS_HANDSHAKE_RECORD) {
+    if (tcp && !tls && (await conn.read(() => conn.reader.peekByte() ?? null)) === TLS_HANDSHAKE_RECORD) {
       await upgrade(true);
       continue;
     }
     const pkt = await conn.read(() => conn.reader.readStartup());
     if (pkt.kind === 'ssl' || pkt.kind === 'gssenc') {
       if (tls) throw violation(`${pkt.kind === 'ssl' ? 'SSLRequest' : 'GSSENCRequest'} inside TLS`);
+      // Inside a WebSocket the transport is already encrypted (or local): no TLS inside it.
+      if (!tcp) {
+        conn.write(Buffer.from('N'));
+        continue;
+      }
       // Bytes after the request and before the handshake could be injected by a man in the middle.
       if (conn.reader.buffered > 0) throw violation('data received before the TLS handshake completed');
+      // GSSAPI encryption is not offered: libpq goes on with an SSLRequest.
       if (pkt.kind === 'gssenc') {
         conn.write(Buffer.from('N'));
         continue;
@@ -400,14 +419,6 @@ interface AuthResult {
   method: 'scram' | 'scram-plus' | 'password';
 }
 
-/** Allowlists built from cached access answers (the same array until the answer is refreshed). */
-const allowlists = new WeakMap<readonly string[], IpAllowlist>();
-function allowlistOf(access: EndpointAccess): IpAllowlist {
-  let l = allowlists.get(access.allowed_ips);
-  if (!l) allowlists.set(access.allowed_ips, (l = new IpAllowlist(access.allowed_ips)));
-  return l;
-}
-
 /**
  * Finds the endpoint, applies the limits and authenticates the client: SCRAM (with channel
  * binding when the client supports it over TLS), or a cleartext password when the endpoint came
@@ -419,14 +430,9 @@ async function authenticate(
   ctx: RequestContext,
   c: { tls: boolean; sni?: string; optionsEndpoint?: string; user: string; database: string; peerIp: string },
 ): Promise<AuthResult> {
-  const { config, metrics, limits } = deps;
+  const { config, metrics } = deps;
   ctx.begin('auth');
-  if (limits.failedAuth.full(c.peerIp)) {
-    metrics.rateLimited.inc({ limit: 'failed_auth' });
-    const wait = limits.failedAuth.retryAfterSeconds(c.peerIp);
-    const msg = `too many failed authentication attempts from ${c.peerIp}; try again in ${wait} s`;
-    throw new XenonError('PROXY_AUTH_RATE_LIMITED', msg, { userMessage: msg });
-  }
+  checkFailedAuthLimit(deps, c.peerIp);
   let ref = resolveEndpoint(endpointFromSni(c.sni, config.domain), c.optionsEndpoint);
   let password: string | undefined;
   if (!ref) {
@@ -437,26 +443,20 @@ async function authenticate(
     if (!hack) throw new XenonError('PROXY_ENDPOINT_MISSING');
     ref = endpointRef(hack.endpoint, 'password');
     password = hack.password;
+  } else if (ctx.protocol === 'ws' && conn.reader.peekByte() === MESSAGE_TYPES.PASSWORD) {
+    // @neondatabase/serverless pipelines StartupMessage + password (+ first query) without
+    // waiting for a request: the password is already here, so ask for exactly that.
+    conn.write(backend.authenticationCleartextPassword());
+    password = parsePasswordMessage(await readPassword(conn));
   }
   ctx.setEndpoint(ref.endpoint, c.user, c.database);
-  const access = await deps.cp.getEndpointAccess(ref.endpoint, c.user);
-  const rl = access?.connection_rate_limit;
-  if (!limits.connect.take(ref.endpoint, rl ? { perSecond: rl.per_second, burst: rl.burst } : config.connectRate)) {
-    metrics.rateLimited.inc({ limit: 'endpoint_connect' });
-    throw new XenonError('PROXY_RATE_LIMITED');
-  }
-  if (access && !allowlistOf(access).allows(c.peerIp)) {
-    const msg = `connections from IP address ${c.peerIp} are not allowed to endpoint ${ref.endpoint}`;
-    throw new XenonError('PROXY_IP_NOT_ALLOWED', msg, { userMessage: msg });
-  }
-  const secret = access?.role_secret ? parseScramSecret(access.role_secret) : null;
-  const checkAgainst = secret ?? mockSecret(config.mockSecretKey, ref.endpoint, c.user);
+  const { access, secret, checkAgainst } = await checkEndpointAccess(deps, ref.endpoint, c.user, c.peerIp);
   let clientKey: Buffer | null = null;
   let serverFinal: string | undefined;
   let method: AuthResult['method'];
   if (password !== undefined) {
     method = 'password';
-    clientKey = await clientKeyFromPassword(checkAgainst, password);
+    clientKey = await deps.passwords.verify(checkAgainst, password);
   } else {
     const scram = new ScramServerSession(checkAgainst, { channelBinding: conn.channelBinding() });
     conn.write(backend.authenticationSASL(scram.mechanisms));
@@ -469,12 +469,7 @@ async function authenticate(
       serverFinal = result.serverFinal;
     }
   }
-  if (!clientKey || !secret || !access) {
-    metrics.authentications.inc({ method, outcome: 'failed' });
-    limits.failedAuth.take(c.peerIp);
-    const msg = `password authentication failed for user "${c.user}"`;
-    throw new XenonError('AUTH_FAILED', msg, { userMessage: msg });
-  }
+  if (!clientKey || !secret || !access) throw authFailed(deps, c.peerIp, c.user, method);
   metrics.authentications.inc({ method, outcome: 'ok' });
   if (serverFinal !== undefined) conn.write(backend.authenticationSASLFinal(serverFinal));
   ctx.end();

@@ -1,6 +1,7 @@
 /**
  * The Postgres-facing edge: TCP listener (TLS after SSLRequest or direct), SCRAM with the client,
- * limits, wake, pipe; live connection counts to the control plane; `/metrics` and `/healthz`.
+ * limits, wake, pipe; the HTTP port for edge runtimes (WebSocket sessions, SQL over HTTP); live
+ * connection counts to the control plane; `/metrics` and `/healthz`.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { SecureContext } from 'node:tls';
@@ -12,8 +13,11 @@ import type { ControlPlaneApi } from '../wake-compute/api.ts';
 import { ControlPlaneClient } from '../wake-compute/client.ts';
 import { MemoryCancelMap, type CancelMap } from './cancellation.ts';
 import type { ProxyConfig } from './config.ts';
-import { handleClient, type ProxyLimits } from './connection.ts';
+import { PasswordVerifier, type ProxyLimits } from './auth/access.ts';
+import { handleClient } from './connection.ts';
 import { KeyedLeakyBucket } from './rate-limit.ts';
+import { startServerless, type ServerlessHandle } from './serverless/server.ts';
+import { SqlOverHttp } from './serverless/sql-over-http.ts';
 import { ConnectionTracker } from './connections.ts';
 import { RequestContext } from './context.ts';
 import { CachedControlPlane } from './control-plane.ts';
@@ -32,6 +36,8 @@ export interface ProxyDeps {
 
 export interface ProxyHandle {
   address: AddressInfo;
+  /** The HTTP port: WebSocket sessions and SQL over HTTP. */
+  httpAddress: AddressInfo;
   metricsUrl: string;
   metrics: ProxyMetrics;
   tracker: ConnectionTracker;
@@ -54,13 +60,17 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     secureContext = () => store.context;
   }
   const api = deps.controlPlane ?? new ControlPlaneClient(config.controlPlaneUrl);
+  let sql: SqlOverHttp | undefined;
   const cp = new CachedControlPlane(api, { accessTtlMs: config.accessCacheTtlMs, negativeTtlMs: Math.min(config.accessCacheTtlMs, 30_000), maxWakeCacheMs: config.maxWakeCacheMs });
   const tracker = new ConnectionTracker(api, {
     proxyId: config.proxyId,
     intervalMs: config.reportIntervalMs,
     logger: logger.child({ component: 'connections' }),
     onInvalidate: (inv) => {
-      for (const e of inv.wake) cp.invalidateWake(e);
+      for (const e of inv.wake) {
+        cp.invalidateWake(e);
+        sql?.invalidate(e);
+      }
       for (const e of inv.access) cp.invalidateEndpointAccess(e);
     },
   });
@@ -72,7 +82,8 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     failedAuth: new KeyedLeakyBucket(config.failedAuthRate),
     cancel: new KeyedLeakyBucket(config.cancelRate),
   };
-  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits };
+  const passwords = new PasswordVerifier();
+  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits, passwords };
   const rejectDeps = {
     ...sessionDeps,
     config: { ...config, startupTimeoutMs: Math.min(config.startupTimeoutMs, 2_000), idleStartupTimeoutMs: Math.min(config.idleStartupTimeoutMs, 1_000), tlsHandshakeTimeoutMs: Math.min(config.tlsHandshakeTimeoutMs, 1_000) },
@@ -102,7 +113,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
       metrics.connectionsActive.dec({ protocol: 'tcp' });
     });
     const ctx = new RequestContext(peer, 'tcp', logger);
-    handleClient(socket, reject ? rejectDeps : sessionDeps, ctx, reject).catch((err: Error) => {
+    handleClient(socket, reject ? rejectDeps : sessionDeps, ctx, { reject }).catch((err: Error) => {
       // handleClient answers every error itself; this is a last line of defence.
       logger.error('unhandled connection error', { err });
       socket.destroy();
@@ -115,7 +126,10 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
   });
   const address = server.address() as AddressInfo;
   let http: HttpServerHandle;
+  let serverless: ServerlessHandle;
   try {
+    sql = new SqlOverHttp({ config, cp, tracker, limits, metrics, passwords, logger: logger.child({ component: 'sql' }) });
+    serverless = await startServerless(config, { ...sessionDeps, logger, sql, tcpConnections: () => sockets.size }, secureContext);
     http = await startHttpServer({ host: config.metricsHost, port: config.metricsPort, router: new Router(), registry: metrics.registry, logger });
   } catch (err) {
     server.close();
@@ -123,9 +137,10 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     certs?.close();
     throw err;
   }
-  logger.info('proxy listening', { address: `${address.address}:${address.port}`, metrics: http.url, domain: config.domain });
+  logger.info('proxy listening', { address: `${address.address}:${address.port}`, http: `${serverless.address.address}:${serverless.address.port}`, metrics: http.url, domain: config.domain });
   return {
     address,
+    httpAddress: serverless.address,
     metricsUrl: http.url,
     metrics,
     tracker,
@@ -137,6 +152,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
         server.close(() => resolve());
         for (const s of sockets) s.destroy();
       });
+      await serverless.close();
       // One last report so the control plane sees this proxy's connections gone.
       await tracker.report().catch(() => {});
       await http.close();

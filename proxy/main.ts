@@ -7,5 +7,5 @@ await runMain('proxy', async () => {
   const config = loadProxyConfig();
   const logger = createLogger({ level: config.logLevel, service: 'proxy' });
   const proxy = await startProxy(config, { logger });
-  return { logger, close: () => proxy.close(), ready: { port: proxy.address.port, metrics: proxy.metricsUrl }, exitWithParent: config.exitWithParent };
+  return { logger, close: () => proxy.close(), ready: { port: proxy.address.port, http_port: proxy.httpAddress.port, metrics: proxy.metricsUrl }, exitWithParent: config.exitWithParent };
 });

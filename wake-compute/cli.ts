@@ -82,10 +82,12 @@ async function up(): Promise<void> {
   await writeJsonAtomic(stackPath, { api_url: stack.apiUrl, proxy_port: stack.proxyPort, metrics_url: stack.metricsUrl, domain, pid: process.pid } satisfies StackFile);
   const { uri, psql } = connectionStrings(creds, domain, stack.proxyPort, stack.caCert);
   if (json) {
-    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, state_dir: stateDir, ...creds }) + '\n');
+    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, http_port: stack.httpPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, state_dir: stateDir, ...creds }) + '\n');
   } else {
     process.stdout.write(
       `\nXenon is up.\n\n  Connection string:\n    ${uri}\n\n  psql (no DNS needed):\n    ${psql}\n\n` +
+      `  Edge runtimes (@neondatabase/serverless): WebSocket and SQL over HTTP on port ${stack.httpPort}\n` +
+      `    neonConfig.wsProxy = (host) => \`\${host}:${stack.httpPort}/v2\`; fetchEndpoint: (host) => \`https://\${host}:${stack.httpPort}/sql\`\n\n` +
       `  Control plane API: ${stack.apiUrl}   Proxy metrics: ${stack.metricsUrl}\n  Logs: ${join(stateDir, 'logs')}\n\nPress Ctrl-C to stop.\n`,
     );
   }

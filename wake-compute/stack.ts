@@ -136,6 +136,8 @@ export interface StackOptions {
 export interface Stack {
   apiUrl: string;
   proxyPort: number;
+  /** The proxy's HTTP port: WebSocket sessions and SQL over HTTP. */
+  httpPort: number;
   metricsUrl: string;
   caCert: string;
   stop(): Promise<void>;
@@ -210,7 +212,7 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
       if (!stopping) await stop().catch(() => {});
       return name;
     });
-    return { apiUrl, proxyPort: Number(proxy.ready.port), metricsUrl: String(proxy.ready.metrics), caCert: certs.caCert, stop, died };
+    return { apiUrl, proxyPort: Number(proxy.ready.port), httpPort: Number(proxy.ready.http_port), metricsUrl: String(proxy.ready.metrics), caCert: certs.caCert, stop, died };
   } catch (err) {
     await stop().catch(() => {});
     throw err;

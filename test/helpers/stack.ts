@@ -22,6 +22,7 @@ export interface UpInfo {
   psql: string;
   api_url: string;
   proxy_port: number;
+  http_port: number;
   metrics_url: string;
   ca_cert: string;
   state_dir: string;
@@ -75,6 +76,7 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     XENON_API_PORT: '0',
     XENON_PROXY_PORT: '0',
     XENON_PROXY_METRICS_PORT: '0',
+    XENON_PROXY_HTTP_PORT: '0',
     XENON_METADATA_PORT: String(await freePort()),
     XENON_COMPUTE_PORT_MIN: String(portMin),
     XENON_COMPUTE_PORT_MAX: String(portMin + 99),
