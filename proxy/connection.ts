@@ -53,6 +53,9 @@ export interface SessionDeps {
 
 export type { ProxyLimits };
 
+/** How long a WebSocket session may take to show a pipelined password after its StartupMessage. */
+const PIPELINED_PASSWORD_WAIT_MS = 25;
+
 /** ALPN protocol of the Postgres wire protocol (PostgreSQL 17). */
 const ALPN_POSTGRESQL = 'postgresql';
 
@@ -136,6 +139,18 @@ class ClientConn {
         }, this.idleTimeoutMs);
       }).finally(() => clearTimeout(idle));
     }
+  }
+
+  /** The next unread byte, waiting at most `ms` for one to arrive (undefined if none did). */
+  async peekWithin(ms: number): Promise<number | undefined> {
+    const now = this.reader.peekByte();
+    if (now !== undefined || this.gone) return now;
+    if (this.socket.isPaused()) this.socket.resume();
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => { this.waiter = undefined; resolve(); }, ms);
+      this.waiter = () => { clearTimeout(timer); resolve(); };
+    });
+    return this.reader.peekByte();
   }
 
   write(buf: Buffer): void {
@@ -443,9 +458,11 @@ async function authenticate(
     if (!hack) throw new XenonError('PROXY_ENDPOINT_MISSING');
     ref = endpointRef(hack.endpoint, 'password');
     password = hack.password;
-  } else if (ctx.protocol === 'ws' && conn.reader.peekByte() === MESSAGE_TYPES.PASSWORD) {
+  } else if (ctx.protocol === 'ws' && (await conn.peekWithin(PIPELINED_PASSWORD_WAIT_MS)) === MESSAGE_TYPES.PASSWORD) {
     // @neondatabase/serverless pipelines StartupMessage + password (+ first query) without
-    // waiting for a request: the password is already here, so ask for exactly that.
+    // waiting for a request (in one frame, or — with coalesceWrites off — in frames right behind
+    // each other): the password is already here, so ask for exactly that. A client that waits
+    // for our request sends nothing, and gets SCRAM after the short wait.
     conn.write(backend.authenticationCleartextPassword());
     password = parsePasswordMessage(await readPassword(conn));
   }

@@ -82,17 +82,20 @@ t.test('@neondatabase/serverless over WebSocket', async (t) => {
   });
 
   await t.test('endpoint from the Host header (the driver default <host>/v2), plain ws from loopback, SCRAM without pipelining', async (t) => {
-    for (const pipelineConnect of ['password', false] as const) {
+    for (const [pipelineConnect, coalesceWrites] of [['password', true], ['password', false], [false, true]] as const) {
+      // coalesceWrites off: the pipelined password arrives in its own frame right behind the StartupMessage.
       neonConfig.pipelineConnect = pipelineConnect;
+      neonConfig.coalesceWrites = coalesceWrites;
       neonConfig.useSecureWebSocket = false;
       neonConfig.webSocketConstructor = wsWith(ca, `${host}:${port}`);
       neonConfig.wsProxy = () => `127.0.0.1:${port}/v2`;
       const c = new Client(cs);
       await c.connect();
       const r = await c.query<{ u: string }>('SELECT current_user AS u');
-      t.equal(r.rows[0]!.u, info.role, `pipelineConnect=${String(pipelineConnect)}`);
+      t.equal(r.rows[0]!.u, info.role, `pipelineConnect=${String(pipelineConnect)} coalesceWrites=${coalesceWrites}`);
       await c.end();
     }
+    neonConfig.coalesceWrites = true;
     const metrics = await (await fetch(`${info.metrics_url}/metrics`)).text();
     t.match(metrics, /xenon_proxy_authentications_total\{method="password",outcome="ok"\} [1-9]/, 'pipelined logins use the cleartext password');
     t.match(metrics, /xenon_proxy_authentications_total\{method="scram",outcome="ok"\} [1-9]/, 'non-pipelined logins use SCRAM');
