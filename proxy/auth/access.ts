@@ -62,12 +62,20 @@ export interface EndpointAccessCheck {
 
 /**
  * Fetches the endpoint's access answer (cached) and applies the connection-attempt limit (the
- * control plane's per-endpoint override, else the default) and the IP allowlist.
+ * control plane's per-endpoint override, else the default) and the IP allowlist. SQL over HTTP
+ * passes `connectionAttempt: false`: its requests run on pooled compute connections (bounded by
+ * the pool size), so they are not connection attempts.
  */
-export async function checkEndpointAccess(deps: AccessDeps, endpoint: string, role: string, peerIp: string): Promise<EndpointAccessCheck> {
+export async function checkEndpointAccess(
+  deps: AccessDeps,
+  endpoint: string,
+  role: string,
+  peerIp: string,
+  o: { connectionAttempt?: boolean } = {},
+): Promise<EndpointAccessCheck> {
   const access = await deps.cp.getEndpointAccess(endpoint, role);
   const rl = access?.connection_rate_limit;
-  if (!deps.limits.connect.take(endpoint, rl ? { perSecond: rl.per_second, burst: rl.burst } : deps.config.connectRate)) {
+  if ((o.connectionAttempt ?? true) && !deps.limits.connect.take(endpoint, rl ? { perSecond: rl.per_second, burst: rl.burst } : deps.config.connectRate)) {
     deps.metrics.rateLimited.inc({ limit: 'endpoint_connect' });
     throw new XenonError('PROXY_RATE_LIMITED');
   }

@@ -154,7 +154,7 @@ export class SqlOverHttp {
   /** Limits, allowlist and password; the password that matched. */
   private async authenticate(target: ConnectionTarget, peerIp: string): Promise<string> {
     checkFailedAuthLimit(this.deps, peerIp);
-    const { checkAgainst } = await checkEndpointAccess(this.deps, target.endpoint, target.user, peerIp);
+    const { checkAgainst } = await checkEndpointAccess(this.deps, target.endpoint, target.user, peerIp, { connectionAttempt: false });
     for (const candidate of target.passwords) {
       if (candidate && (await this.deps.passwords.verify(checkAgainst, candidate))) {
         this.deps.metrics.authentications.inc({ method: 'password', outcome: 'ok' });
