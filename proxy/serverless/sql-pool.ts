@@ -85,7 +85,7 @@ export class KeyPool {
   readonly busy = new Set<PooledConnection>();
   /** Connections being opened (slots reserved). */
   opening = 0;
-  /** Busy connections whose reset is under way: a new request waits for one rather than open another. */
+  /** Busy connections whose reset is under way (they serve waiters before slots are granted). */
   resetting = 0;
   readonly waiters: Waiter[] = [];
   closed = false;
@@ -153,8 +153,11 @@ export class SqlPool {
     const conn = this.takeIdle(kp);
     if (conn) return { conn, result: 'hit' };
     const full = kp.size >= this.opts.maxPerKey;
-    if (full || kp.resetting > kp.waiters.length) {
-      // At the maximum, or a connection is being reset after its response: wait for one.
+    // Below the maximum, a connection still being reset (DISCARD ALL after its response) is not
+    // waited for: a sequential client would pay the reset on every request. A second connection
+    // is opened once, and the two take turns.
+    if (full) {
+      // At the maximum: wait for one.
       const handed = await this.wait(kp, signal);
       if (handed) return { conn: handed, result: full ? 'wait' : 'hit' };
       // Not handed a connection: a slot was reserved for us (counted in kp.opening).
