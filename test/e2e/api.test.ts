@@ -383,7 +383,7 @@ t.test('the /v1 API against the real stack', async (t) => {
     for (const path of ['/v1/nope', '/v2/projects', `/v1/projects/${P}/branches/main/nope`, '/']) {
       isError(t, await send(stack, 'GET', path), 'HTTP_NOT_FOUND', `GET ${path}`);
     }
-    for (const [method, path] of [['PUT', '/v1/projects'], ['GET', `/v1/endpoints/${EP}/start`], ['DELETE', '/v1/proxy/connections'], ['PATCH', `/v1/projects/${P}`], ['POST', '/healthz']] as const) {
+    for (const [method, path] of [['PUT', '/v1/projects'], ['GET', `/v1/endpoints/${EP}/start`], ['DELETE', '/v1/proxy/connections'], ['PUT', `/v1/projects/${P}`], ['POST', '/healthz']] as const) {
       isError(t, await send(stack, method, path), 'HTTP_METHOD_NOT_ALLOWED', `${method} ${path}`);
     }
 

@@ -64,6 +64,7 @@ t.test('wake and connect retries', async (t) => {
   const config = loadProxyConfig({
     XENON_PROXY_PORT: '0',
     XENON_PROXY_METRICS_PORT: '0',
+    XENON_PROXY_HTTP_PORT: '0',
     XENON_PROXY_COMPUTE_CONNECT_TIMEOUT_MS: '400',
     XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS: '4',
     XENON_PROXY_REPORT_INTERVAL_MS: '60000',
@@ -208,7 +209,7 @@ t.test('wake and connect retries', async (t) => {
   });
 
   await t.test('the per-proxy connection cap', async (t) => {
-    const capped = await startProxy(loadProxyConfig({ XENON_PROXY_PORT: '0', XENON_PROXY_METRICS_PORT: '0', XENON_PROXY_MAX_CONNECTIONS: '1' }, []), {
+    const capped = await startProxy(loadProxyConfig({ XENON_PROXY_PORT: '0', XENON_PROXY_METRICS_PORT: '0', XENON_PROXY_HTTP_PORT: '0', XENON_PROXY_MAX_CONNECTIONS: '1' }, []), {
       logger: createLogger({ level: 'silent' }),
       controlPlane: cp,
       secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),

@@ -392,6 +392,16 @@ t.test('SQL over HTTP', async (t) => {
   });
 
   await t.test('pool: reuse, reset between requests, no session state leaks', async (t) => {
+    // A request arriving while the previous one's connection still runs DISCARD ALL gets another
+    // connection (the pool does not make it wait for the reset): to see reuse, let resets finish.
+    const settled = async (): Promise<void> => {
+      for (let i = 0; i < 200 && sql.poolStats.busy > 0; i++) await delay(5);
+    };
+    const one = async (query: string, params: unknown[] = []): Promise<Reply> => {
+      await settled();
+      return post({ query, params });
+    };
+    const pidOf = async (): Promise<string> => (await one('SELECT pg_backend_pid()::text AS pid')).body.rows[0][0] as string;
     const pid = await pidOf();
     t.equal(await pidOf(), pid, 'the second request reuses the connection');
     const set = await one('SET search_path TO other');
