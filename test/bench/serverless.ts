@@ -5,6 +5,7 @@
  * BENCH_SERVERLESS_RUNS changes the number of queries per row (default 500).
  */
 import { readFileSync } from 'node:fs';
+import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent, request as httpsRequest } from 'node:https';
 import pg from 'pg';
 import WebSocket from 'ws';
@@ -84,12 +85,28 @@ async function main(): Promise<void> {
   await wsNc.end();
   neonConfig.coalesceWrites = true;
 
+  // The same request without the driver and Node's fetch: what the proxy itself costs.
+  const agent = new HttpAgent({ keepAlive: true, maxSockets: 1 });
+  const body = JSON.stringify({ query: 'SELECT 1', params: [] });
+  const raw = (): Promise<void> =>
+    new Promise((resolve, reject) => {
+      const headers = { 'Neon-Connection-String': cs, 'Neon-Raw-Text-Output': 'true', 'Neon-Array-Mode': 'true', 'content-length': Buffer.byteLength(body) };
+      const req = httpRequest({ host: '127.0.0.1', port: info.http_port, path: '/sql', method: 'POST', agent, headers }, (res) => {
+        res.resume();
+        res.on('end', () => (res.statusCode === 200 ? resolve() : reject(new Error(`HTTP ${res.statusCode}`))));
+      });
+      req.on('error', reject);
+      req.end(body);
+    });
+  results.push(['HTTP, loopback plain, node:http keep-alive (no driver)', await measure(raw)]);
+  agent.destroy();
+
   neonConfig.fetchEndpoint = `http://127.0.0.1:${info.http_port}/sql`;
   const sql = neon(cs);
-  results.push(['HTTP, loopback plain (neon())', await measure(() => sql`SELECT 1`)]);
+  results.push(['HTTP, loopback plain (neon(), Node\'s fetch)', await measure(() => sql`SELECT 1`)]);
   neonConfig.fetchEndpoint = `https://127.0.0.1:${info.http_port}/sql`;
   neonConfig.fetchFunction = httpsFetch(ca);
-  results.push(['HTTPS keep-alive (neon())', await measure(() => sql`SELECT 1`)]);
+  results.push(['HTTPS (neon(), fetchFunction over node:https keep-alive)', await measure(() => sql`SELECT 1`)]);
 
   const base = quantile(results[0]![1], 0.5);
   console.log(`\nWarm query round trip (SELECT 1), ${RUNS} queries each, ms\n`);
