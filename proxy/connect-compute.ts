@@ -5,10 +5,11 @@
  * connections, …) come back as {@link ComputeError} so they reach the client with their own
  * SQLSTATE; network failures are retryable and make the caller re-wake.
  */
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { XenonError } from '../lib/errors.ts';
 import type { ScramSecret } from '../lib/scram.ts';
 import { ScramKeyClient, SCRAM_SHA_256 } from './auth/scram.ts';
+import { connectForPipe } from './passthrough.ts';
 import {
   Parser,
   serialize,
@@ -29,6 +30,7 @@ export class ComputeError extends Error {
 }
 
 export interface ComputeSession {
+  /** Paused after ReadyForQuery. Hand it to pipeBoth (reads with a reused buffer); 'data' listeners get copies. */
   socket: Socket;
   parameters: [string, string][];
   processId: number;
@@ -46,8 +48,13 @@ export interface ConnectComputeOptions {
 
 export function connectCompute(o: ConnectComputeOptions): Promise<ComputeSession> {
   return new Promise((resolve, reject) => {
-    const socket = connect({ host: o.host, port: o.port, noDelay: true });
     const parser = new Parser();
+    // Read with a reused buffer once piped (passthrough.ts); until then reads arrive as copies:
+    // handshake messages, then (for a user other than pipeBoth) ordinary 'data' events.
+    const socket = connectForPipe({ host: o.host, port: o.port, noDelay: true }, (chunk) => {
+      if (settled) socket.emit('data', chunk);
+      else parser.parse(chunk, onMessage);
+    });
     const scram = new ScramKeyClient(o.clientKey, o.secret);
     const parameters: [string, string][] = [];
     let key: BackendKeyDataMessage | undefined;
@@ -95,7 +102,6 @@ export function connectCompute(o: ConnectComputeOptions): Promise<ComputeSession
           case 'readyForQuery': {
             settled = true;
             clearTimeout(timer);
-            socket.removeAllListeners('data');
             socket.removeAllListeners('error');
             socket.removeAllListeners('close');
             socket.on('error', () => { /* until the pipe takes over; it closes both sides on error */ });
@@ -118,6 +124,5 @@ export function connectCompute(o: ConnectComputeOptions): Promise<ComputeSession
         fail(err as Error);
       }
     };
-    socket.on('data', (chunk: Buffer) => parser.parse(chunk, onMessage));
   });
 }
