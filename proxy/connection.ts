@@ -51,8 +51,6 @@ export interface SessionDeps {
   passwords: PasswordVerifier;
 }
 
-export type { ProxyLimits };
-
 /** How long a WebSocket session may take to show a pipelined password after its StartupMessage. */
 const PIPELINED_PASSWORD_WAIT_MS = 25;
 
