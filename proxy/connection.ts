@@ -14,7 +14,7 @@ import type { EndpointAccess } from '../wake-compute/api.ts';
 import { asXenonError, XenonError } from '../lib/errors.ts';
 import { setTimeout as delay } from 'node:timers/promises';
 import type { ScramSecret } from '../lib/scram.ts';
-import { authFailed, checkEndpointAccess, checkFailedAuthLimit, type PasswordVerifier, type ProxyLimits } from './auth/access.ts';
+import { authFailed, beginAuth, checkEndpointAccess, type PasswordVerifier, type ProxyLimits } from './auth/access.ts';
 import { tlsServerEndPoint } from './auth/channel-binding.ts';
 import { endpointFromOptions, endpointFromSni, endpointRef, parsePasswordHack, resolveEndpoint, type EndpointRef } from './auth/credentials.ts';
 import { ScramServerSession } from './auth/scram.ts';
@@ -261,7 +261,10 @@ export async function handleClient(raw: Duplex, deps: SessionDeps, ctx: RequestC
   try {
     deadline(config.startupTimeoutMs, 'PROXY_STARTUP_TIMEOUT');
     const hs = await handshake(conn, deps, ctx, peerIp);
-    if (!hs) return; // a CancelRequest, answered
+    if (!hs) {
+      clearTimeout(timer); // a CancelRequest, answered
+      return;
+    }
     if (reject) throw reject;
     const { startup } = hs;
     const tls = tcp ? hs.tls : (o.secure ?? false);
@@ -287,6 +290,8 @@ export async function handleClient(raw: Duplex, deps: SessionDeps, ctx: RequestC
     const { ref, secret, clientKey } = auth;
     // Authenticated: from here wake and connect are bounded by their own timeouts and retries.
     clearTimeout(timer);
+    // The auth timeout may have fired (and answered) while the password was being checked.
+    if (conn.closed) throw new ClientGone('client gone or timed out during authentication');
 
     // ---- wake and connect (re-wake when a cached address fails)
     deps.tracker.inc(ref.endpoint);
@@ -337,8 +342,14 @@ export async function handleClient(raw: Duplex, deps: SessionDeps, ctx: RequestC
     }
 
     // ---- hand over: the compute's parameters, our cancel key, then bytes
-    const key = await allocateCancelKey(deps.cancels);
-    await deps.cancels.set(key.key, { host: session.socket.remoteAddress ?? '127.0.0.1', port: session.socket.remotePort ?? 0, processId: session.processId, secretKey: session.secretKey });
+    let key: Awaited<ReturnType<typeof allocateCancelKey>>;
+    try {
+      key = await allocateCancelKey(deps.cancels);
+      await deps.cancels.set(key.key, { host: session.socket.remoteAddress ?? '127.0.0.1', port: session.socket.remotePort ?? 0, processId: session.processId, secretKey: session.secretKey });
+    } catch (err) {
+      session.socket.destroy();
+      throw err;
+    }
     const out = [backend.authenticationOk()];
     for (const [k, v] of session.parameters) out.push(backend.parameterStatus(k, v));
     out.push(backend.backendKeyData(key.processId, key.secretKey), backend.readyForQuery('I'));
@@ -443,9 +454,22 @@ async function authenticate(
   ctx: RequestContext,
   c: { tls: boolean; sni?: string; optionsEndpoint?: string; user: string; database: string; peerIp: string },
 ): Promise<AuthResult> {
-  const { config, metrics } = deps;
   ctx.begin('auth');
-  checkFailedAuthLimit(deps, c.peerIp);
+  const endAuth = beginAuth(deps, c.peerIp);
+  try {
+    return await authenticateClient(conn, deps, ctx, c);
+  } finally {
+    endAuth();
+  }
+}
+
+async function authenticateClient(
+  conn: ClientConn,
+  deps: SessionDeps,
+  ctx: RequestContext,
+  c: { tls: boolean; sni?: string; optionsEndpoint?: string; user: string; database: string; peerIp: string },
+): Promise<AuthResult> {
+  const { config, metrics } = deps;
   let ref = resolveEndpoint(endpointFromSni(c.sni, config.domain), c.optionsEndpoint);
   let password: string | undefined;
   if (!ref) {

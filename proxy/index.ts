@@ -81,6 +81,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     connect: new KeyedLeakyBucket(config.connectRate),
     failedAuth: new KeyedLeakyBucket(config.failedAuthRate),
     cancel: new KeyedLeakyBucket(config.cancelRate),
+    pendingAuth: new Map(),
   };
   const passwords = new PasswordVerifier();
   const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits, passwords };

@@ -14,7 +14,8 @@ import type { EndpointAccess } from '../../wake-compute/api.ts';
 import type { ProxyConfig } from '../config.ts';
 import type { CachedControlPlane } from '../control-plane.ts';
 import type { ProxyMetrics } from '../metrics.ts';
-import type { KeyedLeakyBucket } from '../rate-limit.ts';
+import { sourceNetwork, type KeyedLeakyBucket } from '../rate-limit.ts';
+import { isIPv6 } from 'node:net';
 import { mockSecret } from './scram.ts';
 
 /** The proxy's leaky buckets, shared by every connection and request. */
@@ -25,6 +26,23 @@ export interface ProxyLimits {
   failedAuth: KeyedLeakyBucket;
   /** CancelRequests per source network. */
   cancel: KeyedLeakyBucket;
+  /** Authentications under way per source (see {@link beginAuth}). */
+  pendingAuth: Map<string, number>;
+}
+
+/**
+ * At most this many authentications at once per source: failures are counted when they happen,
+ * so without a bound a client could run thousands of guesses in parallel before the first one
+ * counts. Legitimate pools open far fewer connections at once than this.
+ */
+export const MAX_PENDING_AUTH_PER_SOURCE = 100;
+
+/**
+ * The key of a source for authentication limits: the address for IPv4, the /64 for IPv6 (one
+ * host usually holds a whole /64 and could otherwise change address on every guess).
+ */
+export function authSource(peerIp: string): string {
+  return isIPv6(peerIp) ? sourceNetwork(peerIp) : peerIp;
 }
 
 export interface AccessDeps {
@@ -36,11 +54,38 @@ export interface AccessDeps {
 
 /** Refuses an address that failed authentication too often — before any password is looked at. */
 export function checkFailedAuthLimit(deps: AccessDeps, peerIp: string): void {
-  if (!deps.limits.failedAuth.full(peerIp)) return;
+  const source = authSource(peerIp);
+  if (!deps.limits.failedAuth.full(source)) return;
   deps.metrics.rateLimited.inc({ limit: 'failed_auth' });
-  const wait = deps.limits.failedAuth.retryAfterSeconds(peerIp);
+  const wait = deps.limits.failedAuth.retryAfterSeconds(source);
   const msg = `too many failed authentication attempts from ${peerIp}; try again in ${wait} s`;
   throw new XenonError('PROXY_AUTH_RATE_LIMITED', msg, { userMessage: msg });
+}
+
+/**
+ * Starts an authentication from `peerIp`: the failed-authentication limit, then the bound on
+ * authentications under way from the same source. Returns the function that ends it (call it
+ * once, whatever the outcome).
+ */
+export function beginAuth(deps: AccessDeps, peerIp: string): () => void {
+  checkFailedAuthLimit(deps, peerIp);
+  const source = authSource(peerIp);
+  const pending = deps.limits.pendingAuth;
+  const n = pending.get(source) ?? 0;
+  if (n >= MAX_PENDING_AUTH_PER_SOURCE) {
+    deps.metrics.rateLimited.inc({ limit: 'failed_auth' });
+    const msg = `too many authentications at once from ${peerIp}; try again later`;
+    throw new XenonError('PROXY_AUTH_RATE_LIMITED', msg, { userMessage: msg });
+  }
+  pending.set(source, n + 1);
+  let ended = false;
+  return () => {
+    if (ended) return;
+    ended = true;
+    const left = (pending.get(source) ?? 1) - 1;
+    if (left <= 0) pending.delete(source);
+    else pending.set(source, left);
+  };
 }
 
 /** Allowlists built from cached access answers (the same array until the answer is refreshed). */
@@ -90,7 +135,7 @@ export async function checkEndpointAccess(
 /** Counts a failed authentication and returns the error to send (28P01, same text for every cause). */
 export function authFailed(deps: AccessDeps, peerIp: string, user: string, method: string): XenonError {
   deps.metrics.authentications.inc({ method, outcome: 'failed' });
-  deps.limits.failedAuth.take(peerIp);
+  deps.limits.failedAuth.take(authSource(peerIp));
   const msg = `password authentication failed for user "${user}"`;
   return new XenonError('AUTH_FAILED', msg, { userMessage: msg });
 }

@@ -65,9 +65,12 @@ export async function startServerless(
   const { logger, metrics } = deps;
   const sessions = new Set<WebSocketStream>();
   const sockets = new Set<Socket>();
-  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: 64 * 1024 * 1024 });
+  // ws buffers a whole message before handing it over, even before the client has logged in:
+  // bound it (a larger single write from the driver — a query over 16 MiB — is refused with 1009).
+  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: 16 * 1024 * 1024 });
 
-  const http = createHttpServer({ requestTimeout: 0, headersTimeout: 10_000, keepAliveTimeout: 60_000 }, (req, res) => {
+  // requestTimeout bounds receiving a request (headers and body), not running its query.
+  const http = createHttpServer({ requestTimeout: 30_000, headersTimeout: 10_000, keepAliveTimeout: 60_000 }, (req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method === 'OPTIONS') {
       res.writeHead(204, CORS);
@@ -110,7 +113,9 @@ export async function startServerless(
       // The endpoint: the Host header when it is <endpoint>.<domain> (the driver's default
       // wsProxy `<host>/v2`), else the `?address=<host>:<port>` the driver adds when wsProxy is a
       // fixed string; else options or the password hack, as on TCP.
-      const address = new URL(req.url ?? '/', 'http://x').searchParams.get('address');
+      // Not `new URL()`: a path such as `//` or `//[` makes it throw.
+      const query = (req.url ?? '').split('?')[1] ?? '';
+      const address = new URLSearchParams(query).get('address');
       const hostName = [hostOnly(req.headers.host), hostOnly(address)].find((h) => h && endpointFromSni(h, config.domain));
       const ctx = new RequestContext(`${peerIp}:${req.socket.remotePort}`, 'ws', logger);
       const over = sessions.size + deps.tcpConnections() > config.maxClientConnections;

@@ -12,7 +12,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import pg from 'pg';
 import { XenonError } from '../../lib/errors.ts';
 import type { Logger } from '../../lib/logger.ts';
-import { authFailed, checkEndpointAccess, checkFailedAuthLimit, type PasswordVerifier, type ProxyLimits } from '../auth/access.ts';
+import { authFailed, beginAuth, checkEndpointAccess, type PasswordVerifier, type ProxyLimits } from '../auth/access.ts';
 import type { ProxyConfig } from '../config.ts';
 import type { ConnectionTracker } from '../connections.ts';
 import type { CachedControlPlane } from '../control-plane.ts';
@@ -153,15 +153,19 @@ export class SqlOverHttp {
 
   /** Limits, allowlist and password; the password that matched. */
   private async authenticate(target: ConnectionTarget, peerIp: string): Promise<string> {
-    checkFailedAuthLimit(this.deps, peerIp);
-    const { checkAgainst } = await checkEndpointAccess(this.deps, target.endpoint, target.user, peerIp, { connectionAttempt: false });
-    for (const candidate of target.passwords) {
-      if (candidate && (await this.deps.passwords.verify(checkAgainst, candidate))) {
-        this.deps.metrics.authentications.inc({ method: 'password', outcome: 'ok' });
-        return candidate;
+    const endAuth = beginAuth(this.deps, peerIp);
+    try {
+      const { checkAgainst } = await checkEndpointAccess(this.deps, target.endpoint, target.user, peerIp, { connectionAttempt: false });
+      for (const candidate of target.passwords) {
+        if (candidate && (await this.deps.passwords.verify(checkAgainst, candidate))) {
+          this.deps.metrics.authentications.inc({ method: 'password', outcome: 'ok' });
+          return candidate;
+        }
       }
+      throw authFailed(this.deps, peerIp, target.user, 'password');
+    } finally {
+      endAuth();
     }
-    throw authFailed(this.deps, peerIp, target.user, 'password');
   }
 
   /** Wake (cached) and a pooled connection; a compute that cannot be reached is re-woken once. */

@@ -5,6 +5,7 @@
 // TLS (wss) with the endpoint from the Host header or from ?address=, and hostile frames.
 import t from 'tap';
 import { readFileSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
 import WebSocket from 'ws';
 import { Client, Pool, neonConfig } from '@neondatabase/serverless';
 import { drizzle } from 'drizzle-orm/neon-serverless';
@@ -179,6 +180,18 @@ t.test('@neondatabase/serverless over WebSocket', async (t) => {
     big.send(hdr);
     t.match((await bClosed).data.toString('latin1'), /startup packet too large/);
 
+    // A path new URL() cannot parse ('//', '//[') must not take the proxy down.
+    for (const path of ['//', '//[', '//a:b@']) {
+      const odd = await new Promise<string>((resolve) => {
+        // A WebSocket client would normalise the URL: write the request line through a raw socket.
+        const s = netConnect(port, '127.0.0.1', () => s.write(`GET ${path} HTTP/1.1\r\nHost: ${host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`));
+        let got = '';
+        s.on('data', (d: Buffer) => { got += d.toString('latin1'); if (got.includes('\r\n\r\n')) s.destroy(); });
+        s.on('close', () => resolve(got));
+        s.on('error', () => resolve(got));
+      });
+      t.match(odd, /^HTTP\/1\.1 101 /, `upgrade on ${JSON.stringify(path)} is served`);
+    }
     const notFound = await fetch(`http://127.0.0.1:${port}/nope`);
     t.equal(notFound.status, 404);
     t.match(await notFound.text(), /WebSocket upgrades are accepted on any path/);

@@ -96,3 +96,28 @@ t.test('tls-server-end-point: the hash of the certificate, by its signature algo
   t.equal(tlsServerEndPoint(Buffer.from('not a certificate')), undefined);
   t.equal(tlsServerEndPoint(undefined), undefined);
 });
+
+t.test('authentication sources: IPv6 by /64; authentications under way are bounded per source', async (t) => {
+  const { authSource, beginAuth, MAX_PENDING_AUTH_PER_SOURCE } = await import('../../proxy/auth/access.ts');
+  t.equal(authSource('10.1.2.3'), '10.1.2.3', 'IPv4: the address');
+  t.equal(authSource('2001:db8:1:2::7'), authSource('2001:db8:1:2:ffff::9'), 'IPv6: one key per /64');
+  t.not(authSource('2001:db8:1:2::7'), authSource('2001:db8:1:3::7'));
+  const rejected: string[] = [];
+  const deps = {
+    config: { connectRate: { perSecond: 1, burst: 1 }, mockSecretKey: Buffer.alloc(32) },
+    cp: {} as never,
+    limits: { connect: new KeyedLeakyBucket({ perSecond: 1, burst: 1 }), failedAuth: new KeyedLeakyBucket({ perSecond: 1, burst: 5 }), cancel: new KeyedLeakyBucket({ perSecond: 1, burst: 1 }), pendingAuth: new Map<string, number>() },
+    metrics: { rateLimited: { inc: (l: { limit: string }) => rejected.push(l.limit) } } as never,
+  };
+  const ends = Array.from({ length: MAX_PENDING_AUTH_PER_SOURCE }, () => beginAuth(deps, '192.0.2.1'));
+  t.throws(() => beginAuth(deps, '192.0.2.1'), { code: 'PROXY_AUTH_RATE_LIMITED', sqlstate: '53300', userMessage: /too many authentications at once from 192\.0\.2\.1/ }, 'one more than the bound is refused');
+  t.doesNotThrow(() => beginAuth(deps, '192.0.2.2')(), 'another source is not affected');
+  ends[0]!();
+  ends[0]!();
+  const again = beginAuth(deps, '192.0.2.1');
+  t.throws(() => beginAuth(deps, '192.0.2.1'), { code: 'PROXY_AUTH_RATE_LIMITED' }, 'ending twice frees one slot only');
+  again();
+  for (const end of ends.slice(1)) end();
+  t.equal(deps.limits.pendingAuth.size, 0, 'nothing left behind');
+  t.same(rejected, ['failed_auth', 'failed_auth']);
+});

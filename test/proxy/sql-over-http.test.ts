@@ -100,6 +100,7 @@ t.test('SQL over HTTP', async (t) => {
       connect: new KeyedLeakyBucket(config.connectRate),
       failedAuth: new KeyedLeakyBucket(config.failedAuthRate),
       cancel: new KeyedLeakyBucket(config.cancelRate),
+      pendingAuth: new Map(),
     },
     metrics,
     passwords: new PasswordVerifier(),
