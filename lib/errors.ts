@@ -48,6 +48,7 @@ export const ERROR_CATALOGUE = {
   AUTH_METHOD_UNSUPPORTED: { sqlstate: '28000', httpStatus: 400, kind: 'user', retryable: false, userMessage: 'unsupported authentication method: SCRAM-SHA-256 is required' },
   // ---- proxy: compute connection
   PROXY_COMPUTE_UNAVAILABLE: { sqlstate: '57P03', httpStatus: 503, kind: 'compute', retryable: true, userMessage: 'could not connect to the compute node; please try again' },
+  PROXY_QUERY_TIMEOUT: { sqlstate: '57014', httpStatus: 400, kind: 'user', retryable: false, userMessage: 'the request took too long and was cancelled' },
   PROXY_COMPUTE_AUTH_FAILED: { sqlstate: '08006', httpStatus: 502, kind: 'compute', retryable: false, userMessage: 'the compute rejected the proxy\'s credentials' },
   // ---- control plane
   CP_UNAVAILABLE: { sqlstate: '57P03', httpStatus: 503, kind: 'controlPlane', retryable: true, userMessage: 'the control plane is unavailable; please try again' },

@@ -92,6 +92,13 @@ export class SqlOverHttp {
       if (!res.writableFinished) abort.abort(new ClientGone());
     };
     res.once('close', onClose);
+    // A whole request (every query of a batch) gets the statement timeout once: neither a long
+    // batch nor `SET statement_timeout = 0` holds a pooled connection longer.
+    const deadline = setTimeout(() => {
+      const ms = this.deps.config.sqlQueryTimeoutMs;
+      abort.abort(new XenonError('PROXY_QUERY_TIMEOUT', `request ran over ${ms} ms`, { userMessage: `the request took longer than ${ms} ms and was cancelled` }));
+    }, this.deps.config.sqlQueryTimeoutMs);
+    deadline.unref();
     let log = this.logger.child({ peer: peerIp });
     let status = 499;
     let cold = false;
@@ -130,6 +137,7 @@ export class SqlOverHttp {
       if (err instanceof pg.DatabaseError && conn && !conn.dead && err.severity !== 'FATAL' && err.severity !== 'PANIC') reusable = true;
       status = this.fail(req, res, err, log);
     } finally {
+      clearTimeout(deadline);
       res.off('close', onClose);
       // After the response: DISCARD ALL, then back to the pool (or dropped).
       if (conn) this.pool.release(conn, reusable && !abort.signal.aborted);

@@ -106,8 +106,9 @@ export function runQuery(client: pg.Client, q: SqlQuery, o: RunOptions): Promise
         names = fields.map((f) => f.name);
         oids = fields.map((f) => f.dataTypeID);
       }
-      // Roughly the JSON the row will take: quotes, commas, keys in object mode.
-      let size = 2;
+      // Roughly the JSON (and memory) the row will take: quotes, commas, keys in object mode; at
+      // least 32 bytes, so rows of no columns count too.
+      let size = 32;
       for (let i = 0; i < row.length; i++) {
         const v = row[i];
         size += v === null || v === undefined ? 5 : v.length + 3;
@@ -128,6 +129,9 @@ export function runQuery(client: pg.Client, q: SqlQuery, o: RunOptions): Promise
     query.on('error', (err: Error) => finish(err));
     query.on('end', (res: unknown) => {
       const r = (Array.isArray(res) ? res[res.length - 1] : res) as PgResult;
+      // The result's own weight: its field descriptions and wrapper, rows or not.
+      o.budget.used += 80 + r.fields.reduce((n, f) => n + 120 + f.name.length, 0);
+      if (o.budget.exceeded) return abandon(o.budget.error());
       finish(undefined, {
         fields: r.fields.map((f) => ({
           name: f.name,

@@ -93,6 +93,9 @@ export function parseConnectionString(raw: string | string[] | undefined): Conne
   const pathMatch = /^\/([^?#]*)/.exec(tail);
   const database = lenientDecode(pathMatch?.[1] ?? '');
   if (!database) throw invalid('no database');
+  // A NUL would end the name inside the StartupMessage and smuggle in parameters of the
+  // client's choosing (even replication=database): no control characters in names.
+  if (/[\x00-\x1f\x7f]/.test(user) || /[\x00-\x1f\x7f]/.test(database)) throw invalid('the user and database names may not contain control characters');
   const decoded = lenientDecode(rawPassword);
   return { endpoint: label, user, database, passwords: decoded === rawPassword ? [decoded] : [decoded, rawPassword] };
 }
@@ -184,6 +187,9 @@ export interface SqlQuery {
   arrayMode?: boolean;
 }
 
+/** Queries in one `{queries: [...]}` transaction. */
+export const MAX_BATCH_QUERIES = 1000;
+
 export type SqlPayload = { kind: 'single'; query: SqlQuery } | { kind: 'batch'; queries: SqlQuery[] };
 
 /** A Postgres array literal: every element quoted (backslash and double quote escaped), NULL for null. */
@@ -230,6 +236,7 @@ export function parsePayload(body: Buffer): SqlPayload {
   const o = json as Record<string, unknown>;
   if (o.queries !== undefined) {
     if (!Array.isArray(o.queries)) throw badRequest('"queries" must be an array of {"query": "...", "params": [...]}');
+    if (o.queries.length > MAX_BATCH_QUERIES) throw new SqlHttpError(400, '54000', `a transaction may hold at most ${MAX_BATCH_QUERIES} queries, got ${o.queries.length}`);
     return { kind: 'batch', queries: o.queries.map((q, i) => parseQuery(q, `queries[${i}]`)) };
   }
   return { kind: 'single', query: parseQuery(o, 'the request body') };

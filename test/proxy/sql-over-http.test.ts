@@ -670,6 +670,43 @@ t.test('SQL over HTTP', async (t) => {
     t.notOk(all.includes(PCT_IN_URL) || all.includes(PCT_PASSWORD), 'nor the other one');
   });
 
+  await t.test('hostile shapes: results without rows still cost, huge batches, NUL in names, over-long requests', async (t) => {
+    const zeroColumns = await one('SELECT FROM generate_series(1, 100000)');
+    t.equal(zeroColumns.status, 507, 'rows of no columns count against the response limit');
+    const wideEmpty = 'SELECT * FROM (VALUES (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)) AS v (a1, a2, a3, a4, a5, a6, a7, a8, a9, a10) LIMIT 0';
+    t.equal((await one(wideEmpty)).status, 200, 'one empty result is fine');
+    const empties = await post({ queries: Array.from({ length: 200 }, () => ({ query: wideEmpty, params: [] })) });
+    t.equal(empties.status, 507, `field descriptions of empty results count too (${JSON.stringify(empties.body).slice(0, 200)})`);
+    const huge = await post({ queries: Array.from({ length: 1001 }, () => ({ query: 'SELECT 1', params: [] })) });
+    t.equal(huge.status, 400);
+    t.match(huge.body, { code: '54000', message: /at most 1000 queries/ });
+    for (const [what, cs] of [
+      ['database', connStr('app', PASSWORD, EP, 'postgres%00replication%00database')],
+      ['user', connStr('app%00search_path%00evil')],
+    ] as const) {
+      const r = await post({ query: 'SELECT 1', params: [] }, RAW, cs);
+      t.equal(r.status, 400, `a NUL in the ${what} name is refused`);
+      t.match(r.body.message, /control characters/);
+    }
+    // A whole request gets the statement timeout once, even a batch that turns it off.
+    const quick = new SqlOverHttp({ ...sql.deps, config: { ...config, sqlQueryTimeoutMs: 500 } }, {});
+    const srv = createServer((req, res) => void quick.handle(req, res, '127.0.0.1'));
+    await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()));
+    const t0 = performance.now();
+    const slow = await fetch(`http://127.0.0.1:${(srv.address() as AddressInfo).port}/sql`, {
+      method: 'POST',
+      headers: { 'Neon-Connection-String': connStr(), ...RAW },
+      body: JSON.stringify({ queries: [{ query: 'SET LOCAL statement_timeout = 0', params: [] }, { query: 'SELECT pg_sleep(0.3)', params: [] }, { query: 'SELECT pg_sleep(0.3)', params: [] }, { query: 'SELECT pg_sleep(5)', params: [] }] }),
+    });
+    const ms = performance.now() - t0;
+    t.equal(slow.status, 400);
+    t.match(await slow.json(), { code: '57014', message: /took longer than 500 ms/ });
+    t.ok(ms < 2_000, `cancelled at the deadline (${Math.round(ms)} ms)`);
+    await quick.close();
+    srv.closeAllConnections();
+    await new Promise((res) => srv.close(res));
+  });
+
   await t.test('close() closes every pooled connection', async (t) => {
     const other = new SqlOverHttp({ ...sql.deps }, {});
     const srv = createServer((req, res) => void other.handle(req, res, '127.0.0.1'));
