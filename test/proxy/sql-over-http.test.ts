@@ -6,15 +6,12 @@
 // and the unmodified @neondatabase/serverless driver end to end.
 import t from 'tap';
 import pg from 'pg';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer, request, type IncomingHttpHeaders, type Server } from 'node:http';
 import { connect as netConnect, createServer as createNetServer, type AddressInfo, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Registry } from 'prom-client';
 import { neon, neonConfig, NeonDbError } from '@neondatabase/serverless';
 import { createLogger } from '../../lib/logger.ts';
-import { findFreePort, findPgBin, initdb, pgRunAs, PostgresProcess } from '../../lib/postgres.ts';
+import { findFreePort } from '../../lib/postgres.ts';
 import { PasswordVerifier } from '../../proxy/auth/access.ts';
 import { loadProxyConfig } from '../../proxy/config.ts';
 import { ConnectionTracker } from '../../proxy/connections.ts';
@@ -24,6 +21,7 @@ import { KeyedLeakyBucket } from '../../proxy/rate-limit.ts';
 import { SqlOverHttp } from '../../proxy/serverless/sql-over-http.ts';
 import { arrayLiteral, lenientDecode, parseConnectionString } from '../../proxy/serverless/sql-request.ts';
 import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
+import { startTestPostgres } from '../helpers/postgres.ts';
 
 const EP = 'ep-sql-1';
 const EP_LOCKED = 'ep-locked-2';
@@ -55,17 +53,9 @@ class ScriptedControlPlane implements ControlPlaneApi {
 const delay = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 t.test('SQL over HTTP', async (t) => {
-  const bin = findPgBin(process.env);
-  const runAs = pgRunAs(process.env);
-  const root = mkdtempSync(join(tmpdir(), 'xenon-sql-http-'));
-  chmodSync(root, 0o755);
-  t.teardown(() => rmSync(root, { recursive: true, force: true }));
-  const dataDir = join(root, 'c', 'pgdata');
-  await initdb({ bin, dataDir, superuser: 'admin', password: 'admin-pw', runAs, noSync: true });
-  const port = await findFreePort(30000, 39999);
-  const proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(root, 'pg.log') });
-  t.teardown(() => proc.stop('immediate'));
-  const admin = new pg.Client({ host: '127.0.0.1', port, user: 'admin', password: 'admin-pw', database: 'postgres' });
+  const db = await startTestPostgres(t, 'xenon-sql-http-');
+  const port = db.port;
+  const admin = new pg.Client(db.admin());
   await admin.connect();
   t.teardown(() => admin.end());
   await admin.query(`CREATE ROLE app LOGIN PASSWORD '${PASSWORD}'`);
@@ -134,7 +124,13 @@ t.test('SQL over HTTP', async (t) => {
     return { status: r.status, body: parsed, headers: r.headers };
   };
   const one = async (query: string, params: unknown[] = [], headers: Record<string, string> = RAW): Promise<Reply> => post({ query, params }, headers);
+  // A request arriving while the previous one's connection still runs DISCARD ALL gets another
+  // connection (the pool does not make it wait for the reset): to see reuse, let resets finish.
+  const settled = async (): Promise<void> => {
+    for (let i = 0; i < 200 && sql.poolStats.busy > 0; i++) await delay(5);
+  };
   const pidOf = async (): Promise<string> => {
+    await settled();
     const r = await one('SELECT pg_backend_pid()::text AS pid');
     return r.body.rows[0][0] as string;
   };
@@ -393,11 +389,6 @@ t.test('SQL over HTTP', async (t) => {
   });
 
   await t.test('pool: reuse, reset between requests, no session state leaks', async (t) => {
-    // A request arriving while the previous one's connection still runs DISCARD ALL gets another
-    // connection (the pool does not make it wait for the reset): to see reuse, let resets finish.
-    const settled = async (): Promise<void> => {
-      for (let i = 0; i < 200 && sql.poolStats.busy > 0; i++) await delay(5);
-    };
     const one = async (query: string, params: unknown[] = []): Promise<Reply> => {
       await settled();
       return post({ query, params });
