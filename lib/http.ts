@@ -3,7 +3,7 @@
  * `/metrics`, the uniform error body, and a typed JSON client for service-to-service calls.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Server as NetServer } from 'node:net';
 import type { Registry } from 'prom-client';
 import { asXenonError, isErrorCode, XenonError, type ErrorBody } from './errors.ts';
 import type { Logger } from './logger.ts';
@@ -142,11 +142,7 @@ export async function startHttpServer(opts: {
   }
   const server = createServer((req, res) => void router.handle(req, res, opts.logger));
   server.keepAliveTimeout = 65_000;
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(opts.port, opts.host, () => { server.off('error', reject); resolve(); });
-  });
-  const address = server.address() as AddressInfo;
+  const address = await listen(server, opts.port, opts.host);
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   return {
     server,
@@ -194,4 +190,15 @@ export async function callJson<T>(
     throw new XenonError(e.code, `${method} ${path}: ${e.message}`, { userMessage: e.message, retryable: e.retryable });
   }
   throw new XenonError('CP_UNAVAILABLE', `${method} ${path}: HTTP ${res.status}`, { retryable: res.status >= 500 });
+}
+
+/** Listens on `host:port` (0: any free port); rejects when the bind fails (port in use, say). */
+export function listen(server: NetServer, port: number, host: string): Promise<AddressInfo> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve(server.address() as AddressInfo);
+    });
+  });
 }

@@ -7,7 +7,7 @@ import { createServer, type AddressInfo, type Server, type Socket } from 'node:n
 import type { SecureContext } from 'node:tls';
 import { CertStore } from '../certs/index.ts';
 import { XenonError } from '../lib/errors.ts';
-import { Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
+import { listen, Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
 import type { Logger } from '../lib/logger.ts';
 import type { ControlPlaneApi } from '../wake-compute/api.ts';
 import { ControlPlaneClient } from '../wake-compute/client.ts';
@@ -121,11 +121,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     });
   });
   server.on('error', (err) => logger.error('listener error', { err }));
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(config.port, config.host, () => { server.off('error', reject); resolve(); });
-  });
-  const address = server.address() as AddressInfo;
+  const address = await listen(server, config.port, config.host);
   let http: HttpServerHandle;
   let serverless: ServerlessHandle;
   try {

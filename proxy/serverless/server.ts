@@ -10,6 +10,7 @@ import { createServer as createNetServer, type AddressInfo, type Server, type So
 import { TLSSocket, type SecureContext } from 'node:tls';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { XenonError } from '../../lib/errors.ts';
+import { listen } from '../../lib/http.ts';
 import type { Logger } from '../../lib/logger.ts';
 import { endpointFromSni } from '../auth/credentials.ts';
 import { handleClient, type SessionDeps } from '../connection.ts';
@@ -169,11 +170,7 @@ export async function startServerless(
     });
   });
   server.on('error', (err) => logger.error('HTTP listener error', { err }));
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(config.httpPort, config.httpHost, () => { server.off('error', reject); resolve(); });
-  });
-  const address = server.address() as AddressInfo;
+  const address = await listen(server, config.httpPort, config.httpHost);
   logger.info('serverless HTTP/WebSocket listening', { address: `${address.address}:${address.port}` });
   return {
     address,

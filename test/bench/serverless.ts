@@ -6,10 +6,10 @@
  */
 import { readFileSync } from 'node:fs';
 import { Agent as HttpAgent, request as httpRequest } from 'node:http';
-import { Agent, request as httpsRequest } from 'node:https';
 import pg from 'pg';
 import WebSocket from 'ws';
 import { neon, neonConfig, Pool } from '@neondatabase/serverless';
+import { fetchWithCa } from '../helpers/https-fetch.ts';
 import { startTestStack } from '../helpers/stack.ts';
 
 const RUNS = Number(process.env.BENCH_SERVERLESS_RUNS ?? 500);
@@ -29,24 +29,6 @@ async function measure(fn: () => Promise<unknown>): Promise<number[]> {
     out.push(performance.now() - t0);
   }
   return out;
-}
-
-/** fetch over node:https trusting our CA, with keep-alive (Node's fetch takes no CA option). */
-function httpsFetch(ca: string): typeof fetch {
-  const agent = new Agent({ keepAlive: true, ca });
-  return (async (input: string | URL | Request, init?: RequestInit) => {
-    const body = typeof init?.body === 'string' ? init.body : '';
-    const headers = Object.fromEntries(new Headers(init?.headers).entries());
-    return new Promise<Response>((resolve, reject) => {
-      const req = httpsRequest(new URL(String(input)), { method: 'POST', agent, headers: { ...headers, 'content-length': Buffer.byteLength(body) }, servername: 'localtest.me' }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (d: Buffer) => chunks.push(d));
-        res.on('end', () => resolve(new Response(Buffer.concat(chunks), { status: res.statusCode ?? 500 })));
-      });
-      req.on('error', reject);
-      req.end(body);
-    });
-  }) as typeof fetch;
 }
 
 async function main(): Promise<void> {
@@ -105,7 +87,7 @@ async function main(): Promise<void> {
   const sql = neon(cs);
   results.push(['HTTP, loopback plain (neon(), Node\'s fetch)', await measure(() => sql`SELECT 1`)]);
   neonConfig.fetchEndpoint = `https://127.0.0.1:${info.http_port}/sql`;
-  neonConfig.fetchFunction = httpsFetch(ca);
+  neonConfig.fetchFunction = fetchWithCa(ca, { keepAlive: true });
   results.push(['HTTPS (neon(), fetchFunction over node:https keep-alive)', await measure(() => sql`SELECT 1`)]);
 
   const base = quantile(results[0]![1], 0.5);

@@ -5,29 +5,11 @@
 import t from 'tap';
 import pg from 'pg';
 import { readFileSync } from 'node:fs';
-import { request as httpsRequest } from 'node:https';
 import { neon, neonConfig, NeonDbError } from '@neondatabase/serverless';
 import { drizzle } from 'drizzle-orm/neon-http';
 import { integer, pgTable, text } from 'drizzle-orm/pg-core';
+import { fetchWithCa } from '../helpers/https-fetch.ts';
 import { startTestStack, type TestStack } from '../helpers/stack.ts';
-
-/** A fetch over node:https that trusts our CA (Node's global fetch takes no CA option). */
-function fetchWithCa(ca: string): typeof fetch {
-  return (async (input: string | URL | Request, init?: RequestInit) => {
-    const url = new URL(String(input));
-    const body = typeof init?.body === 'string' ? init.body : '';
-    const headers = Object.fromEntries(new Headers(init?.headers).entries());
-    return new Promise<Response>((resolve, reject) => {
-      const req = httpsRequest(url, { method: init?.method ?? 'GET', headers: { ...headers, 'content-length': Buffer.byteLength(body) }, ca, servername: 'localtest.me' }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (d: Buffer) => chunks.push(d));
-        res.on('end', () => resolve(new Response(Buffer.concat(chunks), { status: res.statusCode ?? 500, headers: res.headers as Record<string, string> })));
-      });
-      req.on('error', reject);
-      req.end(body);
-    });
-  }) as typeof fetch;
-}
 
 t.test('@neondatabase/serverless neon() over HTTP', async (t) => {
   const stack: TestStack = await startTestStack(t);

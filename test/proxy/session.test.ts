@@ -5,16 +5,14 @@
 // NegotiateProtocolVersion, the per-proxy connection cap, and what the logs say (and never say).
 import t from 'tap';
 import pg from 'pg';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { connect as tlsConnect, createSecureContext } from 'node:tls';
 import { connect as netConnect } from 'node:net';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { XenonError } from '../../lib/errors.ts';
 import { createLogger } from '../../lib/logger.ts';
-import { findFreePort, findPgBin, initdb, pgRunAs, PostgresProcess } from '../../lib/postgres.ts';
+import { findFreePort } from '../../lib/postgres.ts';
+import { startTestPostgres } from '../helpers/postgres.ts';
 import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
 import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
 
@@ -42,17 +40,9 @@ class ScriptedControlPlane implements ControlPlaneApi {
 const EP = 'ep-retry-1';
 
 t.test('wake and connect retries', async (t) => {
-  const bin = findPgBin(process.env);
-  const runAs = pgRunAs(process.env);
-  const root = mkdtempSync(join(tmpdir(), 'xenon-retry-'));
-  chmodSync(root, 0o755);
-  t.teardown(() => rmSync(root, { recursive: true, force: true }));
-  const dataDir = join(root, 'c', 'pgdata');
-  await initdb({ bin, dataDir, superuser: 'admin', password: 'admin-pw', runAs, noSync: true });
-  let port = await findFreePort(30000, 39999);
-  let proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(root, 'pg.log') });
-  t.teardown(() => proc.stop('immediate'));
-  const admin = new pg.Client({ host: '127.0.0.1', port, user: 'admin', password: 'admin-pw', database: 'postgres' });
+  const db = await startTestPostgres(t, 'xenon-retry-');
+  let port = db.port;
+  const admin = new pg.Client(db.admin());
   await admin.connect();
   await admin.query(`CREATE ROLE app LOGIN PASSWORD 'app-password' CONNECTION LIMIT 1`);
   const { rows } = await admin.query<{ s: string }>(`SELECT rolpassword AS s FROM pg_authid WHERE rolname = 'app'`);
@@ -153,9 +143,8 @@ t.test('wake and connect retries', async (t) => {
     t.equal((await attempt()).code, 'ok');
     t.equal(cp.wakes, 1, 'the second connection used the cached answer');
     // The compute restarts on another port (as after a stop and a cold start).
-    await proc.stop('fast');
-    port = await findFreePort(30000, 39999);
-    proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(root, 'pg.log') });
+    await db.restart();
+    port = db.port;
     cp.script = [info(port, 60_000)];
     const r = await attempt();
     t.equal(r.code, 'ok', r.message);
