@@ -60,6 +60,12 @@ export const ERROR_CATALOGUE = {
   CP_ENDPOINT_DISABLED: { sqlstate: '57P03', httpStatus: 423, kind: 'user', retryable: false, userMessage: 'the endpoint is disabled' },
   CP_COMPUTE_START_FAILED: { sqlstate: '57P03', httpStatus: 503, kind: 'compute', retryable: true, userMessage: 'the compute failed to start; please try again' },
   CP_SHUTTING_DOWN: { sqlstate: '57P01', httpStatus: 503, kind: 'service', retryable: true, userMessage: 'the control plane is shutting down' },
+  CP_SAFEKEEPERS_UNAVAILABLE: { sqlstate: '57P03', httpStatus: 503, kind: 'service', retryable: true, userMessage: 'not enough safekeepers are reachable to start the compute safely; please try again' },
+  // ---- safekeepers
+  SK_TIMELINE_NOT_FOUND: { sqlstate: '42704', httpStatus: 404, kind: 'user', retryable: false, userMessage: 'timeline not found on this safekeeper' },
+  SK_WAL_NOT_FOUND: { sqlstate: '58P01', httpStatus: 404, kind: 'user', retryable: false, userMessage: 'no such WAL file' },
+  SK_GENERATION_FENCED: { sqlstate: '40001', httpStatus: 409, kind: 'user', retryable: false, userMessage: 'a newer compute generation owns this timeline' },
+  SK_UNAVAILABLE: { sqlstate: '57P03', httpStatus: 503, kind: 'service', retryable: true, userMessage: 'the safekeeper is unavailable' },
   // ---- vm drivers
   VM_START_TIMEOUT: { sqlstate: '57P03', httpStatus: 503, kind: 'compute', retryable: true, userMessage: 'the compute did not become ready in time' },
   VM_POSTGRES_NOT_FOUND: { sqlstate: 'XX000', httpStatus: 500, kind: 'service', retryable: false, userMessage: 'internal error' },

@@ -43,6 +43,7 @@ export class Router {
   get(p: string, h: RouteHandler): this { return this.add('GET', p, h); }
   post(p: string, h: RouteHandler): this { return this.add('POST', p, h); }
   patch(p: string, h: RouteHandler): this { return this.add('PATCH', p, h); }
+  put(p: string, h: RouteHandler): this { return this.add('PUT', p, h); }
   delete(p: string, h: RouteHandler): this { return this.add('DELETE', p, h); }
 
   private match(method: string, path: string): { route: Route; params: Record<string, string> } | 'method' | null {

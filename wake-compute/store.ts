@@ -65,6 +65,8 @@ const MIGRATIONS: readonly string[] = [
      ADD COLUMN connection_rate_per_second double precision CHECK (connection_rate_per_second > 0),
      ADD COLUMN connection_rate_burst integer CHECK (connection_rate_burst >= 1),
      ADD CONSTRAINT endpoints_connection_rate_both CHECK ((connection_rate_per_second IS NULL) = (connection_rate_burst IS NULL));`,
+  // 3: compute generations (safekeeper fencing): incremented at every compute start of a branch.
+  `ALTER TABLE branches ADD COLUMN generation bigint NOT NULL DEFAULT 0;`,
 ];
 
 const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
