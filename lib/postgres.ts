@@ -185,12 +185,24 @@ export async function initdb(opts: {
   } finally {
     await rm(pwfile, { force: true });
   }
-  // Computes listen on loopback only and require SCRAM for every role, over TCP only.
-  await writeFile(
-    join(opts.dataDir, 'pg_hba.conf'),
-    '# managed by xenon: loopback TCP only, SCRAM for every role\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n',
-  );
-  if (opts.runAs) await chown(join(opts.dataDir, 'pg_hba.conf'), opts.runAs.uid, opts.runAs.gid);
+  await writeManagedHba(opts.dataDir, opts.runAs);
+}
+
+/**
+ * Computes listen on loopback only and require SCRAM for every role, over TCP only. Physical
+ * replication (the safekeepers) is allowed too; only roles with REPLICATION (the admin) can use it.
+ */
+export const MANAGED_PG_HBA =
+  '# managed by xenon: loopback TCP only, SCRAM for every role\n' +
+  'host all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n' +
+  'host replication all 127.0.0.1/32 scram-sha-256\nhost replication all ::1/128 scram-sha-256\n';
+
+/** (Re)writes the managed pg_hba.conf (a data dir made by an older version lacks the replication lines). */
+export async function writeManagedHba(dataDir: string, runAs: RunAs | undefined): Promise<void> {
+  const path = join(dataDir, 'pg_hba.conf');
+  if ((await readFile(path, 'utf8').catch(() => '')) === MANAGED_PG_HBA) return;
+  await writeFile(path, MANAGED_PG_HBA, { mode: 0o600 });
+  if (runAs) await chown(path, runAs.uid, runAs.gid);
 }
 
 /** Picks a free loopback TCP port in [from, to] (probe by binding), skipping `exclude`. */

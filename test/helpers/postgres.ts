@@ -16,7 +16,11 @@ export interface TestPostgres {
   restart(): Promise<void>;
 }
 
-export async function startTestPostgres(t: { teardown(fn: () => unknown): void }, prefix: string): Promise<TestPostgres> {
+export async function startTestPostgres(
+  t: { teardown(fn: () => unknown): void },
+  prefix: string,
+  settings: Record<string, string | number> = {},
+): Promise<TestPostgres & { dataDir: string; root: string }> {
   const bin = findPgBin(process.env);
   const runAs = pgRunAs(process.env);
   const root = mkdtempSync(join(tmpdir(), prefix));
@@ -25,10 +29,12 @@ export async function startTestPostgres(t: { teardown(fn: () => unknown): void }
   const dataDir = join(root, 'c', 'pgdata');
   await initdb({ bin, dataDir, superuser: 'admin', password: 'admin-pw', runAs, noSync: true });
   const start = async (): Promise<PostgresProcess> =>
-    PostgresProcess.start({ bin, dataDir, port: await findFreePort(30000, 39999), runAs, logFile: join(root, 'pg.log') });
+    PostgresProcess.start({ bin, dataDir, port: await findFreePort(30000, 39999), runAs, logFile: join(root, 'pg.log'), settings });
   let proc = await start();
   t.teardown(() => proc.stop('immediate'));
   return {
+    dataDir,
+    root,
     get port() { return proc.port; },
     admin: () => ({ host: '127.0.0.1', port: proc.port, user: 'admin', password: 'admin-pw', database: 'postgres' }),
     async restart() {
