@@ -2,6 +2,11 @@
  * The compute driver contract: what the control plane asks of a place that runs computes
  * (a local process, a QEMU VM, a Kubernetes pod). Drivers never touch metadata.
  */
+import type { ControlData } from './pg-control.ts';
+import type { WalSource } from './wal-restore.ts';
+
+export type { ControlData, WalSource };
+
 export const COMPUTE_STATUSES = ['stopped', 'running', 'suspended'] as const;
 export type ComputeStatus = (typeof COMPUTE_STATUSES)[number];
 
@@ -12,6 +17,11 @@ export interface ComputeSpec {
   dataKey: string;
   /** Extra `postgresql.conf` settings for this start. */
   settings?: Record<string, string | number>;
+  /**
+   * WAL the data must have before Postgres starts: segments missing or different locally are
+   * fetched from these safekeepers (see `wal-restore.ts`).
+   */
+  wal?: WalSource;
 }
 
 export interface ComputeAddress {
@@ -31,6 +41,8 @@ export interface ComputeExit {
 }
 
 export interface ComputeDriver {
+  /** What `global/pg_control` of `dataKey` says (undefined when there is no data). */
+  controlData(dataKey: string): Promise<ControlData | undefined>;
   readonly kind: string;
   /** Creates the data for `dataKey` if it does not exist yet (initdb: never on the wake path). */
   prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }>;

@@ -7,8 +7,10 @@ import { access, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
-import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, stopStalePostmaster, type RunAs } from '../lib/postgres.ts';
-import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus } from './api.ts';
+import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
+import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus, ControlData } from './api.ts';
+import { readControlData } from './pg-control.ts';
+import { restoreWal } from './wal-restore.ts';
 import { childPids, createFreezer, type Freezer } from './freezer.ts';
 
 export interface ProcessDriverOptions {
@@ -75,6 +77,11 @@ export class ProcessDriver implements ComputeDriver {
     }
   }
 
+  async controlData(dataKey: string): Promise<ControlData | undefined> {
+    if (!(await this.hasData(dataKey))) return undefined;
+    return readControlData(this.dataDir(dataKey));
+  }
+
   async prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
     if (await this.hasData(dataKey)) return { created: false };
     const dir = this.dataDir(dataKey);
@@ -90,6 +97,12 @@ export class ProcessDriver implements ComputeDriver {
     const dataDir = this.dataDir(spec.dataKey);
     if (!(await this.hasData(spec.dataKey))) {
       throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
+    }
+    await stopStalePostmaster(dataDir); // before touching pg_wal
+    await writeManagedHba(dataDir, this.opts.runAs);
+    if (spec.wal) {
+      const r = await restoreWal(dataDir, spec.wal, this.opts.runAs, this.opts.logger);
+      if (r.restored.length) this.opts.logger.warn('WAL restored from the safekeepers before start', { computeId: spec.computeId, files: r.restored });
     }
     const inUse = new Set([...this.running.values()].map((r) => r.pg.port));
     let lastErr: unknown;

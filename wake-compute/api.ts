@@ -87,7 +87,7 @@ export interface Database {
 export interface LifecycleEvent {
   id: number;
   endpoint_id: string;
-  event: 'start' | 'started' | 'start_failed' | 'spec_failed' | 'suspend' | 'resume' | 'stop' | 'exit';
+  event: 'start' | 'started' | 'start_failed' | 'spec_failed' | 'suspend' | 'resume' | 'stop' | 'exit' | 'wal_quorum_missing';
   detail: string | null;
   at: string;
 }

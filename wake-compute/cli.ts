@@ -82,13 +82,15 @@ async function up(): Promise<void> {
   await writeJsonAtomic(stackPath, { api_url: stack.apiUrl, proxy_port: stack.proxyPort, metrics_url: stack.metricsUrl, domain, pid: process.pid } satisfies StackFile);
   const { uri, psql } = connectionStrings(creds, domain, stack.proxyPort, stack.caCert);
   if (json) {
-    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, http_port: stack.httpPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, state_dir: stateDir, ...creds }) + '\n');
+    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, http_port: stack.httpPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, safekeepers: stack.safekeepers, state_dir: stateDir, ...creds }) + '\n');
   } else {
     process.stdout.write(
       `\nXenon is up.\n\n  Connection string:\n    ${uri}\n\n  psql (no DNS needed):\n    ${psql}\n\n` +
       `  Edge runtimes (@neondatabase/serverless): WebSocket and SQL over HTTP on port ${stack.httpPort}\n` +
       `    neonConfig.wsProxy = (host) => \`\${host}:${stack.httpPort}/v2\`; fetchEndpoint: (host) => \`https://\${host}:${stack.httpPort}/sql\`\n\n` +
-      `  Control plane API: ${stack.apiUrl}   Proxy metrics: ${stack.metricsUrl}\n  Logs: ${join(stateDir, 'logs')}\n\nPress Ctrl-C to stop.\n`,
+      `  Control plane API: ${stack.apiUrl}   Proxy metrics: ${stack.metricsUrl}\n` +
+      (stack.safekeepers.length ? `  Safekeepers (WAL quorum ${Math.floor(stack.safekeepers.length / 2) + 1} of ${stack.safekeepers.length}): ${stack.safekeepers.map((k) => `${k.id} ${k.url}`).join(', ')}\n` : '  Safekeepers: none (XENON_SAFEKEEPER_COUNT=0): commits are only as durable as the compute\'s disk\n') +
+      `  Logs: ${join(stateDir, 'logs')}\n\nPress Ctrl-C to stop.\n`,
     );
   }
   let stopping = false;

@@ -24,9 +24,41 @@ export interface ControlPlaneConfig {
   readonly freezer: 'auto' | 'cgroup' | 'signal';
   /** Extra `postgresql.conf` settings for every compute, `k=v,k=v`. */
   readonly computeSettings: Readonly<Record<string, string>>;
+  /**
+   * The safekeepers every compute's WAL goes to (`XENON_SAFEKEEPERS=sk1=http://…,sk2=…`). Empty:
+   * no WAL quorum — a commit is as durable as the compute's own disk (development only).
+   */
+  readonly safekeepers: readonly SafekeeperRef[];
+  /** Bound on WAL a compute keeps for a lagging safekeeper's slot (`max_slot_wal_keep_size`). */
+  readonly maxSlotWalKeepSize: string;
+  /** How long a compute stop waits for a safekeeper majority to flush the shutdown checkpoint. */
+  readonly safekeeperStopWaitMs: number;
   readonly logLevel: LogLevel;
   /** Stop when stdin closes (set by `xenon up` for its children). */
   readonly exitWithParent: boolean;
+}
+
+export interface SafekeeperRef {
+  /** Its id: the replication slot and `application_name` it uses on computes. */
+  id: string;
+  url: string;
+}
+
+/** `sk1=http://127.0.0.1:7676,sk2=…` → refs (ids unique, URLs http(s)). */
+export function parseSafekeepers(text: string | undefined): SafekeeperRef[] {
+  if (!text) return [];
+  const out: SafekeeperRef[] = [];
+  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+    const eq = part.indexOf('=');
+    const id = part.slice(0, eq);
+    const url = part.slice(eq + 1).replace(/\/+$/, '');
+    if (eq <= 0 || !/^[a-z][a-z0-9_]{0,30}$/.test(id) || !/^https?:\/\/[^\s]+$/.test(url)) {
+      throw new ConfigError(`bad safekeeper ${JSON.stringify(part)} in XENON_SAFEKEEPERS: use id=http://host:port (id of lower-case letters, digits, _)`);
+    }
+    if (out.some((r) => r.id === id)) throw new ConfigError(`safekeeper id ${id} appears twice in XENON_SAFEKEEPERS`);
+    out.push({ id, url });
+  }
+  return out;
 }
 
 export function parseSettings(text: string | undefined): Record<string, string> {
@@ -66,6 +98,9 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
     maxWakeCacheMs: c.int('XENON_WAKE_CACHE_MS', 30_000, { min: 0 }),
     freezer,
     computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),
+    safekeepers: Object.freeze(parseSafekeepers(c.optionalString('XENON_SAFEKEEPERS'))),
+    maxSlotWalKeepSize: c.string('XENON_MAX_SLOT_WAL_KEEP_SIZE', '1GB'),
+    safekeeperStopWaitMs: c.int('XENON_SAFEKEEPER_STOP_WAIT_MS', 10_000, { min: 0 }),
     logLevel: c.logLevel(),
     exitWithParent: c.bool('XENON_EXIT_WITH_PARENT', false),
   });

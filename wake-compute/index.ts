@@ -27,6 +27,7 @@ import {
 import { computeLogDir, type ControlPlaneConfig } from './config.ts';
 import { newBranchId, newEndpointId, newProjectId } from './ids.ts';
 import { ADMIN_ROLE, ComputeManager } from './lifecycle.ts';
+import { SafekeeperSet } from './safekeepers.ts';
 import { branchOut, endpointOut, MetadataStore, rateLimitOut, type EndpointRow } from './store.ts';
 import { validateAllowlist } from '../lib/ip-allowlist.ts';
 
@@ -133,9 +134,15 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     name: 'xenon_compute_transition_seconds', help: 'Time to become active (start or resume)', labelNames: ['kind'],
     buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [registry],
   });
+  const safekeepers = new SafekeeperSet(config.safekeepers, logger.child({ component: 'safekeepers' }), {
+    maxSlotWalKeepSize: config.maxSlotWalKeepSize,
+    stopWaitMs: config.safekeeperStopWaitMs,
+  });
+  if (!safekeepers.enabled) logger.warn('no safekeepers configured (XENON_SAFEKEEPERS): commits are only as durable as each compute\'s own disk');
   const manager = new ComputeManager({
     store,
     driver,
+    safekeepers,
     logger: logger.child({ component: 'lifecycle' }),
     idleCheckIntervalMs: config.idleCheckIntervalMs,
     maxWakeCacheMs: config.maxWakeCacheMs,
@@ -248,7 +255,10 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       for (const e of endpoints) manager.unretire(e.id);
       throw err;
     }
-    for (const b of branches) await driver.destroyData(b.id).catch((err: Error) => logger.warn('could not delete branch data', { branch: b.id, err }));
+    for (const b of branches) {
+      await driver.destroyData(b.id).catch((err: Error) => logger.warn('could not delete branch data', { branch: b.id, err }));
+      await safekeepers.deleteTimeline(b.id);
+    }
     return { project };
   });
 
@@ -397,6 +407,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     async close() {
       await http.close();
       await manager.close();
+      safekeepers.close();
       await driver.close();
       await store.close();
     },

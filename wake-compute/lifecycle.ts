@@ -16,6 +16,8 @@ import type { Logger } from '../lib/logger.ts';
 import { quoteIdent, quoteLiteral } from '../lib/postgres.ts';
 import type { ComputeInfo, ConnectionReport, EndpointState } from './api.ts';
 import type { EndpointRow, MetadataStore } from './store.ts';
+import type { SafekeeperSet } from './safekeepers.ts';
+import { checkpointRecordEnd } from '../vm/index.ts';
 
 export const ADMIN_ROLE = 'cloud_admin';
 const MANAGED = 'managed by xenon';
@@ -31,6 +33,8 @@ interface Runtime {
   /** Tail of the per-endpoint lock chain. */
   lock: Promise<unknown>;
   wakeInFlight?: Promise<ComputeInfo>;
+  /** The running compute's generation and timeline (branch), when safekeepers are in use. */
+  wal?: { timelineId: string; generation: number };
 }
 
 export interface ComputeManagerOptions {
@@ -41,6 +45,8 @@ export interface ComputeManagerOptions {
   /** Upper bound of how long a proxy may reuse a wake answer. */
   maxWakeCacheMs: number;
   now?: () => number;
+  /** The WAL quorum; without one (or an empty one) computes run without synchronous replication. */
+  safekeepers?: SafekeeperSet;
   onTransition?: (endpointId: string, from: EndpointState, to: EndpointState, ms: number) => void;
 }
 
@@ -200,11 +206,29 @@ export class ComputeManager {
         this.o.logger.warn('no data for branch; initialising on the wake path', { endpoint: rt.id, branch: branch.id });
         await this.o.driver.prepare(branch.id, { user: ADMIN_ROLE, password: branch.admin_password });
       }
-      rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });
+      const sk = this.o.safekeepers;
+      if (sk?.enabled) {
+        // Where the committed WAL ends is known only to a safekeeper majority: the compute starts
+        // with WAL up to there (fetched into pg_wal when its disk lacks it), as a new generation.
+        const sp = await sk.startPoint(branch.id);
+        const generation = await this.o.store.nextGeneration(branch.id);
+        rt.address = await this.o.driver.start({
+          computeId: rt.id,
+          dataKey: branch.id,
+          settings: sk.computeSettings(generation),
+          wal: { timelineId: branch.id, upTo: sp.upTo, safekeepers: sp.order },
+        });
+        rt.wal = { timelineId: branch.id, generation };
+        await sk.follow(branch.id, generation, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password }, sp.upTo);
+        this.o.logger.info('safekeepers follow the compute', { endpoint: rt.id, generation, startLsn: sp.upTo });
+      } else {
+        rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });
+      }
     } catch (err) {
       this.o.logger.error('compute start failed', { endpoint: rt.id, err });
       await this.o.store.recordEvent(rt.id, 'start_failed', (err as Error).message.slice(0, 2000)).catch(() => {});
       await this.o.driver.stop(rt.id).catch(() => {});
+      await this.releaseWal(rt, false);
       rt.address = undefined;
       await this.setState(rt, 'stopped');
       throw err instanceof XenonError && err.kind === 'compute' ? err : new XenonError('CP_COMPUTE_START_FAILED', (err as Error).message, { cause: err });
@@ -245,10 +269,32 @@ export class ComputeManager {
     await this.setState(rt, 'stopping');
     this.invalidate(rt.id);
     await this.o.driver.stop(rt.id);
+    await this.releaseWal(rt, true);
     rt.address = undefined;
     await this.setState(rt, 'stopped');
     await this.o.store.recordEvent(rt.id, 'stop');
     this.o.logger.info('compute stopped', { endpoint: rt.id });
+  }
+
+  /**
+   * The compute of `rt` is gone: after a clean stop, wait until a safekeeper quorum has its
+   * shutdown checkpoint (the fast shutdown already waited for the connected ones); then the
+   * safekeepers stop following it.
+   */
+  private async releaseWal(rt: Runtime, clean: boolean): Promise<void> {
+    const wal = rt.wal;
+    const sk = this.o.safekeepers;
+    if (!wal || !sk) return;
+    rt.wal = undefined;
+    let end: bigint | undefined;
+    if (clean) {
+      const ctl = await this.o.driver.controlData(wal.timelineId).catch(() => undefined);
+      if (ctl?.state === 'shut down') end = checkpointRecordEnd(ctl.checkpoint);
+    }
+    const r = await sk.stopped(wal.timelineId, wal.generation, end);
+    if (end !== undefined && !r.quorum) {
+      await this.o.store.recordEvent(rt.id, 'wal_quorum_missing', `shutdown checkpoint on ${r.flushed} of ${sk.size} safekeepers (quorum ${sk.quorum})`).catch(() => {});
+    }
   }
 
   /** Manual transitions (API / CLI). */
@@ -298,6 +344,7 @@ export class ComputeManager {
       if (this.o.driver.status(endpointId) !== 'stopped') return;
       rt.address = undefined;
       this.invalidate(endpointId);
+      await this.releaseWal(rt, false);
       await this.o.store.recordEvent(endpointId, 'exit', `exit code ${code}`).catch(() => {});
       await this.setState(rt, 'stopped');
     });

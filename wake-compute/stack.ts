@@ -92,7 +92,8 @@ export interface ServiceProcess {
  * Spawns `node <service>/main.ts` and resolves with the JSON of its `ready` line. Its stderr
  * (JSON logs) goes to `<logDir>/<name>.log`, and to our stderr when `echo` is set.
  */
-export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean): Promise<ServiceProcess> {
+/** `readyAs`: the service name in its ready line, when it differs from `name` (the log file's). */
+export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean, readyAs = name): Promise<ServiceProcess> {
   return new Promise((resolvePromise, reject) => {
     const child = spawn(process.execPath, ['--import', tsLoader(env), join(ROOT, mainPath)], {
       env: { ...env, XENON_EXIT_WITH_PARENT: '1' },
@@ -113,7 +114,7 @@ export function spawnService(name: string, mainPath: string, env: NodeJS.Process
       if (ready) return;
       try {
         const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === name) {
+        if (msg.ready === readyAs) {
           ready = true;
           resolvePromise({ name, child, ready: msg, exited });
         }
@@ -140,6 +141,7 @@ export interface Stack {
   httpPort: number;
   metricsUrl: string;
   caCert: string;
+  safekeepers: { id: string; url: string; data_dir: string }[];
   stop(): Promise<void>;
   /** Resolves when any service exits on its own. */
   died: Promise<string>;
@@ -188,13 +190,16 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
   const meta = await startMetadataCluster(stateDir, env, o.log);
   const services: ServiceProcess[] = [];
   let stopping = false;
+  let sks: LocalSafekeeper[] = [];
   const stop = async (): Promise<void> => {
     stopping = true;
-    // Proxy first (no new sessions), then the control plane (it stops every compute), then metadata.
+    // Proxy first (no new sessions), then the control plane (it stops every compute, which
+    // waits for the safekeepers to have the shutdown checkpoint), then safekeepers, then metadata.
     for (const s of [...services].reverse()) {
       s.child.kill('SIGTERM');
       await s.exited;
     }
+    for (const k of sks) await k.stop();
     await meta.pg.stop('fast');
     await unlock();
   };
@@ -203,7 +208,13 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
     // (0), choose it now so both services know the same one.
     const proxyPort = env.XENON_PROXY_PORT === '0' ? String(await findFreePort(20000, 29999)) : env.XENON_PROXY_PORT;
     const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain, ...(proxyPort ? { XENON_PROXY_PORT: proxyPort } : {}) };
-    const cp = await spawnService('wake-compute', 'wake-compute/main.ts', { ...baseEnv, DATABASE_URL: env.DATABASE_URL ?? meta.url }, logDir, o.echoLogs);
+    // Safekeepers first (computes commit only once a quorum has their WAL), stopped last.
+    sks = await startSafekeepers(stateDir, env, baseEnv, logDir, o, () => stopping);
+    const cp = await spawnService('wake-compute', 'wake-compute/main.ts', {
+      ...baseEnv,
+      DATABASE_URL: env.DATABASE_URL ?? meta.url,
+      ...(env.XENON_SAFEKEEPERS === undefined ? { XENON_SAFEKEEPERS: sks.map((k) => `${k.id}=${k.url}`).join(',') } : {}),
+    }, logDir, o.echoLogs);
     services.push(cp);
     const apiUrl = String(cp.ready.url);
     const proxy = await spawnService('proxy', 'proxy/main.ts', { ...baseEnv, XENON_CONTROL_PLANE_URL: apiUrl }, logDir, o.echoLogs);
@@ -212,9 +223,103 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
       if (!stopping) await stop().catch(() => {});
       return name;
     });
-    return { apiUrl, proxyPort: Number(proxy.ready.port), httpPort: Number(proxy.ready.http_port), metricsUrl: String(proxy.ready.metrics), caCert: certs.caCert, stop, died };
+    return {
+      apiUrl,
+      proxyPort: Number(proxy.ready.port),
+      httpPort: Number(proxy.ready.http_port),
+      metricsUrl: String(proxy.ready.metrics),
+      caCert: certs.caCert,
+      safekeepers: sks.map((k) => ({ id: k.id, url: k.url, data_dir: k.dataDir })),
+      stop,
+      died,
+    };
   } catch (err) {
     await stop().catch(() => {});
     throw err;
+  }
+}
+
+export interface LocalSafekeeper {
+  id: string;
+  url: string;
+  dataDir: string;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts `XENON_SAFEKEEPER_COUNT` (default 3) safekeepers on ports from
+ * `XENON_SAFEKEEPER_BASE_PORT` (default 7676; 0 = any free port each), data under
+ * `<state>/safekeepers/<id>`. One that exits is started again on the same port after
+ * `XENON_SAFEKEEPER_RESTART_MS` (default 1000; 0 = never) — the others keep the quorum meanwhile.
+ * `<state>/safekeepers.json` lists their ids, URLs and current pids.
+ */
+async function startSafekeepers(stateDir: string, env: Env, baseEnv: NodeJS.ProcessEnv, logDir: string, o: StackOptions, stopping: () => boolean): Promise<LocalSafekeeper[]> {
+  const count = env.XENON_SAFEKEEPER_COUNT === undefined ? 3 : Number(env.XENON_SAFEKEEPER_COUNT);
+  const basePort = env.XENON_SAFEKEEPER_BASE_PORT === undefined ? 7676 : Number(env.XENON_SAFEKEEPER_BASE_PORT);
+  const restartMs = env.XENON_SAFEKEEPER_RESTART_MS === undefined ? 1000 : Number(env.XENON_SAFEKEEPER_RESTART_MS);
+  if (!Number.isInteger(count) || count < 0 || count > 15) throw new Error('XENON_SAFEKEEPER_COUNT must be an integer from 0 to 15');
+  if (!Number.isInteger(basePort) || basePort < 0 || basePort > 65535 - count) throw new Error('XENON_SAFEKEEPER_BASE_PORT must be a port number (0: any free port)');
+  if (!Number.isFinite(restartMs) || restartMs < 0) throw new Error('XENON_SAFEKEEPER_RESTART_MS must be a number of milliseconds (0: never restart)');
+  const listPath = join(stateDir, 'safekeepers.json');
+  const current: { id: string; url: string; pid: number | undefined; data_dir: string }[] = [];
+  const writeList = (): Promise<void> => writeJsonAtomic(listPath, current).catch(() => {});
+  const started = await Promise.allSettled(Array.from({ length: count }, (_, i) => startOne(i)));
+  const out = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+  const failed = started.find((r) => r.status === 'rejected');
+  if (failed) {
+    for (const k of out) await k.stop();
+    throw failed.reason;
+  }
+  return out;
+
+  async function startOne(i: number): Promise<LocalSafekeeper> {
+    const id = `sk${i + 1}`;
+    const dataDir = join(stateDir, 'safekeepers', id);
+    let port = basePort === 0 ? 0 : basePort + i;
+    const spawnOne = async (): Promise<ServiceProcess> => {
+      const svc = await spawnService(id, 'safekeeper/main.ts', {
+        ...baseEnv,
+        XENON_SAFEKEEPER_ID: id,
+        XENON_SAFEKEEPER_PORT: String(port),
+        XENON_SAFEKEEPER_DATA_DIR: dataDir,
+      }, logDir, o.echoLogs, 'safekeeper');
+      port = new URL(String(svc.ready.url)).port ? Number(new URL(String(svc.ready.url)).port) : port;
+      current[i] = { id, url: String(svc.ready.url), pid: svc.child.pid, data_dir: dataDir };
+      await writeList();
+      return svc;
+    };
+    let svc = await spawnOne();
+    let stopped = false;
+    const supervise = (s: ServiceProcess): void => {
+      void s.exited.then(async (code) => {
+        if (stopped || stopping()) return;
+        current[i] = { ...current[i]!, pid: undefined };
+        await writeList();
+        if (restartMs === 0) { o.log(`safekeeper ${id} exited (${code}); not restarting it (XENON_SAFEKEEPER_RESTART_MS=0)`); return; }
+        o.log(`safekeeper ${id} exited (${code}); restarting it in ${restartMs} ms`);
+        for (;;) {
+          await new Promise((r) => setTimeout(r, restartMs));
+          if (stopped || stopping()) return;
+          try {
+            svc = await spawnOne();
+            supervise(svc);
+            return;
+          } catch (err) {
+            o.log(`safekeeper ${id} failed to start again: ${(err as Error).message.split('\n')[0]}`);
+          }
+        }
+      });
+    };
+    supervise(svc);
+    return {
+      id,
+      get url() { return current[i]!.url; },
+      dataDir,
+      async stop() {
+        stopped = true;
+        if (svc.child.exitCode === null && svc.child.signalCode === null) svc.child.kill('SIGTERM');
+        await svc.exited;
+      },
+    };
   }
 }

@@ -224,6 +224,12 @@ export class MetadataStore {
     if (!row) throw new XenonError('CP_NOT_FOUND', `branch ${branchId} not found`, { userMessage: `branch ${branchId} not found` });
     return row;
   }
+  /** The next compute generation of a branch (fencing for the safekeepers). */
+  async nextGeneration(branchId: string): Promise<number> {
+    const [row] = await this.q<{ generation: string }>('UPDATE branches SET generation = generation + 1 WHERE id = $1 RETURNING generation', [branchId]);
+    if (!row) throw new XenonError('CP_NOT_FOUND', `branch ${branchId} not found`, { userMessage: `branch ${branchId} not found` });
+    return Number(row.generation);
+  }
   async setSpecApplied(branchId: string, hash: string): Promise<void> {
     await this.q('UPDATE branches SET spec_applied = $2 WHERE id = $1', [branchId, hash]);
   }

@@ -14,6 +14,9 @@ export interface TestPostgres {
   /** node-postgres config of the superuser. */
   admin(): pg.ClientConfig;
   restart(): Promise<void>;
+  /** Fast shutdown (a shutdown checkpoint); `start()` brings it back on a new free port. */
+  stop(): Promise<void>;
+  start(): Promise<void>;
 }
 
 export async function startTestPostgres(
@@ -39,6 +42,13 @@ export async function startTestPostgres(
     admin: () => ({ host: '127.0.0.1', port: proc.port, user: 'admin', password: 'admin-pw', database: 'postgres' }),
     async restart() {
       await proc.stop('fast');
+      proc = await start();
+    },
+    async stop() {
+      await proc.stop('fast');
+    },
+    async start() {
+      if (proc.running) throw new Error('already running');
       proc = await start();
     },
   };

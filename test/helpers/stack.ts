@@ -25,6 +25,7 @@ export interface UpInfo {
   http_port: number;
   metrics_url: string;
   ca_cert: string;
+  safekeepers: { id: string; url: string; data_dir: string }[];
   state_dir: string;
   project_id: string;
   endpoint_id: string;
@@ -81,6 +82,7 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     XENON_COMPUTE_PORT_MIN: String(portMin),
     XENON_COMPUTE_PORT_MAX: String(portMin + 99),
     XENON_IDLE_CHECK_MS: '100',
+    XENON_SAFEKEEPER_BASE_PORT: '0',
     XENON_PROXY_REPORT_INTERVAL_MS: '200',
     XENON_LOG_LEVEL: 'debug',
     ...(TAP_TS_LOADER ? { XENON_TS_LOADER: TAP_TS_LOADER } : {}),
@@ -174,4 +176,57 @@ export function psql(conn: string, sql: string, timeoutMs = 60_000): Promise<{ c
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     child.on('exit', (code) => { clearTimeout(timer); res({ code, stdout: stdout.trim(), stderr: stderr.trim() }); });
   });
+}
+
+/** The stack's safekeepers as `xenon up` last wrote them (`<state>/safekeepers.json`). */
+export function safekeeperList(stack: TestStack): { id: string; url: string; pid: number | undefined; data_dir: string }[] {
+  return JSON.parse(readFileSync(join(stack.dirs.state, 'safekeepers.json'), 'utf8')) as { id: string; url: string; pid: number | undefined; data_dir: string }[];
+}
+
+export interface ManualSafekeeper {
+  child: ChildProcess;
+  url: string;
+  /** When its ready line arrived (ms since the epoch). */
+  readyAt: number;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/**
+ * Starts safekeeper `id` of a stack by hand (its same port and data directory), as an operator
+ * would after it died — for stacks started with XENON_SAFEKEEPER_RESTART_MS=0. Stopped at teardown.
+ */
+export async function startSafekeeperByHand(t: Teardown, stack: TestStack, id: string): Promise<ManualSafekeeper> {
+  const sk = safekeeperList(stack).find((s) => s.id === id);
+  if (!sk) throw new Error(`no safekeeper ${id}`);
+  const loader = stack.env.XENON_TS_LOADER ?? 'tsx';
+  const child = spawn(process.execPath, ['--import', loader, join(ROOT, 'safekeeper/main.ts')], {
+    env: { ...stack.env, XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: new URL(sk.url).port, XENON_SAFEKEEPER_DATA_DIR: sk.data_dir },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const stop = async (signal: NodeJS.Signals = 'SIGTERM'): Promise<void> => {
+    if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+    await exited;
+  };
+  t.teardown(() => stop());
+  const url = await new Promise<string>((res, rej) => {
+    const timer = setTimeout(() => rej(new Error(`safekeeper ${id} not ready in 30 s: ${err}`)), 30_000);
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      try {
+        const msg = JSON.parse(line) as { ready?: string; url?: string };
+        if (msg.ready === 'safekeeper') { clearTimeout(timer); res(String(msg.url)); }
+      } catch { /* not JSON */ }
+    });
+    void exited.then(() => { clearTimeout(timer); rej(new Error(`safekeeper ${id} exited: ${err}`)); });
+  });
+  return { child, url, readyAt: Date.now(), stop };
+}
+
+/** The postmaster of the compute serving `client` (the parent of its backend). */
+export async function computePostmasterPid(client: pg.Client): Promise<number> {
+  const { rows } = await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+  const stat = readFileSync(`/proc/${rows[0]!.pid}/stat`, 'utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
 }

@@ -1,0 +1,116 @@
+/**
+ * Before a compute starts, its `pg_wal` must hold every WAL record the safekeepers' quorum holds
+ * (DESIGN §4 "WAL and durability"): a commit is durable because a majority of safekeepers has it,
+ * not because this data directory's disk kept it. Segments from the latest checkpoint's segment
+ * up to the quorum's flush LSN are checked against a safekeeper (their last block up to that
+ * LSN, with a Range read), and any that is missing or differs is replaced with the safekeeper's
+ * copy. History files the compute lacks are copied as well.
+ */
+import { chown, open, rename, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from '../lib/logger.ts';
+import { formatLsn, parseLsn, parseSegmentFileName, segmentOf, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
+import type { RunAs } from '../lib/postgres.ts';
+import type { WalListing } from '../safekeeper/api.ts';
+import { SafekeeperClient } from '../safekeeper/client.ts';
+import { checkpointRecordEnd, readControlData } from './pg-control.ts';
+
+export interface WalSource {
+  /** The safekeepers' timeline id (the branch id). */
+  timelineId: string;
+  /** The LSN the compute must have WAL up to (the highest flush LSN of a safekeeper majority). */
+  upTo: string;
+  /** Safekeeper base URLs, the one with the most WAL first. */
+  safekeepers: string[];
+}
+
+export interface WalRestoreResult {
+  /** Files written into pg_wal. */
+  restored: string[];
+  /** Segments compared (and found equal or replaced). */
+  checked: number;
+}
+
+const COMPARE_BYTES = 8192;
+
+async function readLocal(path: string, start: number, end: number): Promise<Buffer | undefined> {
+  let fh;
+  try {
+    fh = await open(path, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const buf = Buffer.alloc(end - start);
+    const { bytesRead } = await fh.read(buf, 0, buf.length, start);
+    return bytesRead === buf.length ? buf : undefined;
+  } finally {
+    await fh.close();
+  }
+}
+
+async function writeFileDurably(path: string, data: Buffer, runAs: RunAs | undefined): Promise<void> {
+  const tmp = `${path}.xenon-tmp`;
+  const fh = await open(tmp, 'w', 0o600);
+  try {
+    await fh.writeFile(data);
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+  if (runAs) await chown(tmp, runAs.uid, runAs.gid);
+  await rename(tmp, path);
+}
+
+export async function restoreWal(dataDir: string, src: WalSource, runAs: RunAs | undefined, logger: Logger): Promise<WalRestoreResult> {
+  const upTo = parseLsn(src.upTo);
+  const out: WalRestoreResult = { restored: [], checked: 0 };
+  if (upTo === 0n) return out;
+  const ctl = await readControlData(dataDir);
+  // A checkpoint record at or past the quorum's end: the local WAL already has all of it.
+  if (checkpointRecordEnd(ctl.checkpoint) >= upTo) return out;
+  let listing: WalListing | undefined;
+  let client: SafekeeperClient | undefined;
+  for (const url of src.safekeepers) {
+    const c = new SafekeeperClient(url, { timeoutMs: 30_000 });
+    try {
+      const l = await c.listWal(src.timelineId);
+      if (parseLsn(l.flush_lsn) >= upTo) { listing = l; client = c; break; }
+    } catch (err) {
+      logger.warn('safekeeper did not list its WAL', { url, err });
+    }
+  }
+  if (!listing || !client) throw new Error(`no safekeeper serves WAL of ${src.timelineId} up to ${src.upTo}`);
+  const walDir = join(dataDir, 'pg_wal');
+  for (const f of listing.files) {
+    if (f.kind !== 'history') continue;
+    const local = join(walDir, f.name);
+    if (await stat(local).then(() => true, () => false)) continue;
+    await writeFileDurably(local, await client.readWal(src.timelineId, f.name), runAs);
+    out.restored.push(f.name);
+  }
+  const fromSeg = segmentOf(ctl.checkpoint);
+  for (const f of listing.files) {
+    const seg = f.kind === 'segment' ? parseSegmentFileName(f.name) : undefined;
+    if (!seg || seg.tli < ctl.timeline || seg.segno < fromSeg || segmentStart(seg.segno) >= upTo) continue;
+    const name = f.name.replace(/\.partial$/, '');
+    const end = Number((upTo < segmentStart(seg.segno + 1n) ? upTo : segmentStart(seg.segno + 1n)) - segmentStart(seg.segno));
+    const start = Math.max(0, end - COMPARE_BYTES);
+    out.checked++;
+    const [remote, local] = await Promise.all([
+      client.readWal(src.timelineId, f.name, { start, end }),
+      readLocal(join(walDir, name), start, end),
+    ]);
+    if (local && local.equals(remote)) continue;
+    const whole = await client.readWal(src.timelineId, f.name);
+    if (whole.length !== WAL_SEGMENT_SIZE) throw new Error(`safekeeper sent ${whole.length} bytes for segment ${f.name}`);
+    await writeFileDurably(join(walDir, name), whole, runAs);
+    out.restored.push(name);
+    logger.warn('restored a WAL segment from a safekeeper', { segment: name, upTo: formatLsn(upTo), had: local ? 'different bytes' : 'nothing' });
+  }
+  if (out.restored.length) {
+    const dir = await open(walDir, 'r');
+    try { await dir.sync(); } finally { await dir.close(); }
+  }
+  return out;
+}
