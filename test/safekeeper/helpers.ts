@@ -29,7 +29,7 @@ export function tempDir(t: Teardown, prefix: string): string {
   return dir;
 }
 
-export function computeOf(pgc: TestPostgres): ComputeTarget {
+export function computeOf(pgc: { port: number }): ComputeTarget {
   return { host: '127.0.0.1', port: pgc.port, user: 'admin', password: 'admin-pw' };
 }
 
@@ -67,19 +67,19 @@ export async function withClient<T>(cfg: pg.ClientConfig, fn: (c: pg.Client) => 
 }
 
 /** The compute's current WAL insert position. */
-export async function currentLsn(pgc: TestPostgres): Promise<bigint> {
+export async function currentLsn(pgc: { admin(): pg.ClientConfig }): Promise<bigint> {
   return withClient(pgc.admin(), async (c) => parseLsn((await c.query<{ l: string }>('SELECT pg_current_wal_lsn()::text AS l')).rows[0]!.l));
 }
 
 /** Flush LSNs per application_name from pg_stat_replication. */
-export async function replicationFlush(pgc: TestPostgres): Promise<Map<string, bigint>> {
+export async function replicationFlush(pgc: { admin(): pg.ClientConfig }): Promise<Map<string, bigint>> {
   return withClient(pgc.admin(), async (c) => {
     const r = await c.query<{ application_name: string; flush_lsn: string | null }>('SELECT application_name, flush_lsn::text FROM pg_stat_replication');
     return new Map(r.rows.filter((x) => x.flush_lsn).map((x) => [x.application_name, parseLsn(x.flush_lsn!)]));
   });
 }
 
-export async function waitReplicated(pgc: TestPostgres, names: string[], lsn: bigint, timeoutMs = 60_000): Promise<void> {
+export async function waitReplicated(pgc: { admin(): pg.ClientConfig }, names: string[], lsn: bigint, timeoutMs = 60_000): Promise<void> {
   await waitFor(`${names.join(', ')} to flush ${formatLsn(lsn)}`, async () => {
     const m = await replicationFlush(pgc);
     return names.every((n) => (m.get(n) ?? 0n) >= lsn);
@@ -213,5 +213,44 @@ export async function spawnSafekeeper(t: Teardown, id: string, dataDir: string, 
       if (child.exitCode === null && child.signalCode === null) child.kill(sig);
       return exited;
     },
+  };
+}
+
+export interface ClonedCompute {
+  dataDir: string;
+  readonly port: number;
+  admin(): pg.ClientConfig;
+  /** The backup's start LSN (from backup_label, read before the first start). */
+  backupStartLsn: bigint;
+  stop(): Promise<void>;
+}
+
+/**
+ * A second cluster made with `pg_basebackup -X stream` from `pgc` (same system id): a standalone
+ * copy (crash recovery to the backup end, same Postgres timeline) or, with `standby`, a streaming
+ * standby of `pgc` (`-R`) that a test can promote to a new timeline.
+ */
+export async function cloneCompute(t: Teardown, pgc: TestPostgres & { root: string }, name: string, opts: { standby?: boolean; settings?: Record<string, string | number> } = {}): Promise<ClonedCompute> {
+  const { ensureOwnedDir, findFreePort, findPgBin, pgRunAs, PostgresProcess } = await import('../../lib/postgres.ts');
+  const runAs = pgRunAs(process.env);
+  const bin = findPgBin(process.env);
+  const dataDir = join(pgc.root, name);
+  const conn = `host=127.0.0.1 port=${pgc.port} user=admin password=admin-pw`;
+  await ensureOwnedDir(dataDir, runAs, 0o700);
+  await runTool(join(PG_BIN, 'pg_basebackup'), ['-D', dataDir, '-X', 'stream', '-c', 'fast', '--no-sync', ...(opts.standby ? ['-R'] : []), '-d', conn], { uid: runAs?.uid, gid: runAs?.gid });
+  const label = readFileSync(join(dataDir, 'backup_label'), 'utf8');
+  const m = /START WAL LOCATION: ([0-9A-F]+\/[0-9A-F]+)/.exec(label);
+  if (!m) throw new Error(`no start location in backup_label: ${label}`);
+  const proc = await PostgresProcess.start({
+    bin, dataDir, runAs, port: await findFreePort(30000, 39999), logFile: join(pgc.root, `${name}.log`),
+    settings: { ...REPL_SETTINGS, ...opts.settings },
+  });
+  t.teardown(() => proc.stop('immediate'));
+  return {
+    dataDir,
+    port: proc.port,
+    admin: () => ({ host: '127.0.0.1', port: proc.port, user: 'admin', password: 'admin-pw', database: 'postgres' }),
+    backupStartLsn: parseLsn(m[1]!),
+    stop: () => proc.stop('fast'),
   };
 }
