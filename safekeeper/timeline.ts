@@ -415,7 +415,7 @@ export class Timeline {
       if (s.systemId !== null && s.systemId !== systemId) {
         throw new StreamError(`compute ${target.host}:${target.port} belongs to another cluster (system id ${systemId}, this timeline's is ${s.systemId}); refusing its WAL`);
       }
-      const serverTli = Number(tliText);
+      let serverTli = Number(tliText);
       const xlogpos = parseLsn(xlogposText);
       if (s.systemId === null) {
         s.systemId = systemId;
@@ -441,6 +441,7 @@ export class Timeline {
         const next = await this.streamTimeline(client, session, s.pgTimeline, this.flushLsn);
         if (!next) return;
         await this.switchTimeline(client, next.tli, next.startLsn);
+        if (next.tli > serverTli) serverTli = next.tli;
       }
     } finally {
       this.streamingNow = false;
@@ -560,7 +561,9 @@ export class Timeline {
       const cmd = `START_REPLICATION SLOT ${this.deps.safekeeperId} PHYSICAL ${formatLsn(start)} TIMELINE ${tli}`;
       client.query<string[]>({ text: cmd, rowMode: 'array', types: RAW_TYPES }).then(
         (res) => {
-          const row = res.rows?.[0];
+          // The next-timeline row comes as its own result (then START_STREAMING's CommandComplete).
+          const results = (Array.isArray(res) ? res : [res]) as pg.QueryResult<string[]>[];
+          const row = results.map((r) => r.rows?.[0]).find((r) => r !== undefined);
           if (session.stopped) return finish(null, null);
           if (!row || row.length < 2) return finish(new StreamError(`the compute ended streaming on timeline ${tli} without naming a next timeline`));
           finish(null, { tli: Number(row[0]), startLsn: parseLsn(row[1]!) });

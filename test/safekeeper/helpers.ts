@@ -93,7 +93,7 @@ export interface Receivewal {
 }
 
 /** `pg_receivewal --synchronous` into `dir` with its own slot (application_name = slot). */
-export async function startReceivewal(t: Teardown, pgc: TestPostgres, dir: string, slot: string): Promise<Receivewal> {
+export async function startReceivewal(t: Teardown, pgc: { port: number; admin(): pg.ClientConfig }, dir: string, slot: string): Promise<Receivewal> {
   const conn = `host=127.0.0.1 port=${pgc.port} user=admin password=admin-pw application_name=${slot}`;
   mkdirSync(dir, { recursive: true });
   await runTool(join(PG_BIN, 'pg_receivewal'), ['--create-slot', '--if-not-exists', '--slot', slot, '-d', conn]);
@@ -231,7 +231,7 @@ export interface ClonedCompute {
  * standby of `pgc` (`-R`) that a test can promote to a new timeline.
  */
 export async function cloneCompute(t: Teardown, pgc: TestPostgres & { root: string }, name: string, opts: { standby?: boolean; settings?: Record<string, string | number> } = {}): Promise<ClonedCompute> {
-  const { ensureOwnedDir, findFreePort, findPgBin, pgRunAs, PostgresProcess } = await import('../../lib/postgres.ts');
+  const { ensureOwnedDir, findFreePort, findPgBin, pgRunAs } = await import('../../lib/postgres.ts');
   const runAs = pgRunAs(process.env);
   const bin = findPgBin(process.env);
   const dataDir = join(pgc.root, name);
@@ -241,16 +241,36 @@ export async function cloneCompute(t: Teardown, pgc: TestPostgres & { root: stri
   const label = readFileSync(join(dataDir, 'backup_label'), 'utf8');
   const m = /START WAL LOCATION: ([0-9A-F]+\/[0-9A-F]+)/.exec(label);
   if (!m) throw new Error(`no start location in backup_label: ${label}`);
-  const proc = await PostgresProcess.start({
-    bin, dataDir, runAs, port: await findFreePort(30000, 39999), logFile: join(pgc.root, `${name}.log`),
-    settings: { ...REPL_SETTINGS, ...opts.settings },
+  const port = await findFreePort(30000, 39999);
+  const args = ['-D', dataDir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories=', '-c', 'lc_messages=C'];
+  for (const [k, v] of Object.entries({ ...REPL_SETTINGS, ...opts.settings })) args.push('-c', `${k}=${v}`);
+  // Started here rather than with PostgresProcess: a standby says "ready to accept read-only connections".
+  const child = spawn(join(bin, 'postgres'), args, { stdio: ['ignore', 'ignore', 'pipe'], uid: runAs?.uid, gid: runAs?.gid, env: { PATH: process.env.PATH, LANG: 'C', LC_ALL: 'C', TZ: 'UTC' } });
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const proc = {
+    port,
+    async stop(sig: NodeJS.Signals = 'SIGINT'): Promise<void> {
+      if (child.exitCode === null && child.signalCode === null) child.kill(sig);
+      const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+  t.teardown(() => proc.stop('SIGQUIT'));
+  let log = '';
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`clone ${name} not ready: ${log.slice(-2000)}`)), 60_000);
+    child.stderr!.on('data', (d: Buffer) => {
+      log = (log + d.toString()).slice(-8000);
+      if (/ready to accept (read-only )?connections/.test(log)) { clearTimeout(timer); resolve(); }
+    });
+    child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`clone ${name} exited with ${code}: ${log.slice(-2000)}`)); });
   });
-  t.teardown(() => proc.stop('immediate'));
   return {
     dataDir,
     port: proc.port,
     admin: () => ({ host: '127.0.0.1', port: proc.port, user: 'admin', password: 'admin-pw', database: 'postgres' }),
     backupStartLsn: parseLsn(m[1]!),
-    stop: () => proc.stop('fast'),
+    stop: () => proc.stop('SIGINT'),
   };
 }
