@@ -66,6 +66,8 @@ export const ERROR_CATALOGUE = {
   SK_WAL_NOT_FOUND: { sqlstate: '58P01', httpStatus: 404, kind: 'user', retryable: false, userMessage: 'no such WAL file' },
   SK_GENERATION_FENCED: { sqlstate: '40001', httpStatus: 409, kind: 'user', retryable: false, userMessage: 'a newer compute generation owns this timeline' },
   SK_UNAVAILABLE: { sqlstate: '57P03', httpStatus: 503, kind: 'service', retryable: true, userMessage: 'the safekeeper is unavailable' },
+  SK_CONTROL_FILE_CORRUPT: { sqlstate: 'XX001', httpStatus: 500, kind: 'service', retryable: false, userMessage: 'the timeline\'s control file on this safekeeper is corrupted' },
+  SK_RANGE_NOT_SATISFIABLE: { sqlstate: '22023', httpStatus: 416, kind: 'user', retryable: false, userMessage: 'the requested byte range is not satisfiable' },
   // ---- vm drivers
   VM_START_TIMEOUT: { sqlstate: '57P03', httpStatus: 503, kind: 'compute', retryable: true, userMessage: 'the compute did not become ready in time' },
   VM_POSTGRES_NOT_FOUND: { sqlstate: 'XX000', httpStatus: 500, kind: 'service', retryable: false, userMessage: 'internal error' },

@@ -1,0 +1,32 @@
+/** Safekeeper configuration: the only file of safekeeper/ that reads `process.env`. */
+import { join } from 'node:path';
+import { ConfigError, ConfigSource, parseFlags, stateDirFrom, type Env } from '../lib/config.ts';
+import type { LogLevel } from '../lib/logger.ts';
+
+export interface SafekeeperConfig {
+  /** `sk1`…: also the replication slot name and `application_name` on the compute. */
+  readonly id: string;
+  readonly host: string;
+  readonly port: number;
+  /** Holds `timelines/<timeline_id>/{control.json,wal/}`. */
+  readonly dataDir: string;
+  readonly logLevel: LogLevel;
+  readonly exitWithParent: boolean;
+}
+
+/** Slot names allow lower-case letters, digits and underscores only (at most 63). */
+export const SAFEKEEPER_ID_RE = /^[a-z0-9_]{1,63}$/;
+
+export function loadSafekeeperConfig(env: Env = process.env, argv: readonly string[] = process.argv.slice(2)): SafekeeperConfig {
+  const c = new ConfigSource(env, parseFlags(argv));
+  const id = c.string('XENON_SAFEKEEPER_ID', 'sk1', 'id');
+  if (!SAFEKEEPER_ID_RE.test(id)) throw new ConfigError(`XENON_SAFEKEEPER_ID must match ${SAFEKEEPER_ID_RE} (it is a replication slot name), got ${JSON.stringify(id)}`);
+  return Object.freeze({
+    id,
+    host: c.string('XENON_SAFEKEEPER_HOST', '127.0.0.1', 'host'),
+    port: c.int('XENON_SAFEKEEPER_PORT', 7676, { min: 0, max: 65535, flag: 'port' }),
+    dataDir: c.string('XENON_SAFEKEEPER_DATA_DIR', join(stateDirFrom(env), 'safekeepers', id), 'data-dir'),
+    logLevel: c.logLevel(),
+    exitWithParent: c.bool('XENON_EXIT_WITH_PARENT', false),
+  });
+}

@@ -1,0 +1,140 @@
+/**
+ * The control file of one timeline (`control.json`): what this safekeeper promised — the compute
+ * generation it follows, the cluster it belongs to, the Postgres timeline and how far its WAL is
+ * durable. Written atomically (temporary file, fsync, rename, fsync of the directory) with mode
+ * 0600, since it holds the compute's password.
+ */
+import { open, readFile, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { XenonError } from '../lib/errors.ts';
+import { formatLsn, parseLsn } from '../lib/lsn.ts';
+import type { ComputeTarget } from './api.ts';
+
+export const CONTROL_FILE = 'control.json';
+const FORMAT_VERSION = 1;
+
+/** One Postgres timeline switch: `tli` ended at `switchLsn` (its successor began there). */
+export interface TimelineSwitch {
+  tli: number;
+  switchLsn: bigint;
+}
+
+export interface ControlState {
+  timelineId: string;
+  generation: number;
+  /** The compute to follow; null when not following (DELETE …/compute). */
+  compute: ComputeTarget | null;
+  /** Decimal text (a uint64). */
+  systemId: string | null;
+  pgTimeline: number;
+  /** Durable WAL end on `pgTimeline` at the time of writing (never beyond what was fdatasync'ed). */
+  flushLsn: bigint;
+  /** Earlier Postgres timelines and where they ended, oldest first. */
+  history: TimelineSwitch[];
+}
+
+interface ControlJson {
+  version: number;
+  timeline_id: string;
+  generation: number;
+  compute: ComputeTarget | null;
+  system_id: string | null;
+  pg_timeline: number;
+  flush_lsn: string;
+  history: { tli: number; switch_lsn: string }[];
+}
+
+export function serializeControl(s: ControlState): string {
+  const j: ControlJson = {
+    version: FORMAT_VERSION,
+    timeline_id: s.timelineId,
+    generation: s.generation,
+    compute: s.compute,
+    system_id: s.systemId,
+    pg_timeline: s.pgTimeline,
+    flush_lsn: formatLsn(s.flushLsn),
+    history: s.history.map((h) => ({ tli: h.tli, switch_lsn: formatLsn(h.switchLsn) })),
+  };
+  return JSON.stringify(j, null, 2) + '\n';
+}
+
+function corrupt(path: string, why: string): XenonError {
+  return new XenonError('SK_CONTROL_FILE_CORRUPT', `control file ${path} is corrupted: ${why}`);
+}
+
+const isInt = (v: unknown, min: number, max: number): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max;
+
+/** Parses and validates a control file; throws SK_CONTROL_FILE_CORRUPT with the reason. */
+export function parseControl(text: string, path: string): ControlState {
+  let j: Partial<ControlJson>;
+  try {
+    j = JSON.parse(text) as Partial<ControlJson>;
+  } catch (err) {
+    throw corrupt(path, `not JSON (${(err as Error).message})`);
+  }
+  if (typeof j !== 'object' || j === null) throw corrupt(path, 'not an object');
+  if (j.version !== FORMAT_VERSION) throw corrupt(path, `unknown format version ${JSON.stringify(j.version)}`);
+  if (typeof j.timeline_id !== 'string') throw corrupt(path, 'timeline_id missing');
+  if (!isInt(j.generation, 0, Number.MAX_SAFE_INTEGER)) throw corrupt(path, 'generation invalid');
+  if (!isInt(j.pg_timeline, 0, 0xffff_ffff)) throw corrupt(path, 'pg_timeline invalid');
+  if (j.system_id !== null && (typeof j.system_id !== 'string' || !/^\d{1,20}$/.test(j.system_id))) throw corrupt(path, 'system_id invalid');
+  const c = j.compute;
+  if (c !== null && (typeof c !== 'object' || c === undefined || typeof c.host !== 'string' || !isInt(c.port, 1, 65535) || typeof c.user !== 'string' || typeof c.password !== 'string')) {
+    throw corrupt(path, 'compute invalid');
+  }
+  let flushLsn: bigint;
+  let history: TimelineSwitch[];
+  try {
+    flushLsn = parseLsn(String(j.flush_lsn));
+    if (!Array.isArray(j.history)) throw new Error('history is not an array');
+    history = j.history.map((h) => {
+      if (!isInt(h.tli, 1, 0xffff_ffff)) throw new Error('history tli invalid');
+      return { tli: h.tli, switchLsn: parseLsn(String(h.switch_lsn)) };
+    });
+  } catch (err) {
+    throw corrupt(path, (err as Error).message);
+  }
+  return {
+    timelineId: j.timeline_id,
+    generation: j.generation,
+    compute: c ? { host: c.host, port: c.port, user: c.user, password: c.password } : null,
+    systemId: j.system_id ?? null,
+    pgTimeline: j.pg_timeline,
+    flushLsn,
+    history,
+  };
+}
+
+export async function readControl(dir: string): Promise<ControlState> {
+  const path = join(dir, CONTROL_FILE);
+  return parseControl(await readFile(path, 'utf8'), path);
+}
+
+/** fsync a directory (after a rename or a create in it). */
+export async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Atomic replace: tmp (0600), fsync, rename, fsync of the directory. */
+export async function writeControl(dir: string, s: ControlState): Promise<void> {
+  const path = join(dir, CONTROL_FILE);
+  const tmp = `${path}.tmp`;
+  const fh = await open(tmp, 'w', 0o600);
+  try {
+    await fh.writeFile(serializeControl(s));
+    await fh.sync();
+  } catch (err) {
+    await fh.close().catch(() => {});
+    await rm(tmp, { force: true });
+    throw err;
+  } finally {
+    await fh.close().catch(() => {});
+  }
+  await rename(tmp, path);
+  await fsyncDir(dir);
+}

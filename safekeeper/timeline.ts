@@ -1,0 +1,643 @@
+/**
+ * One timeline on a safekeeper: its control file, its segment store, and the replication stream
+ * from the compute of the current generation.
+ *
+ * Receive path: CopyData `w` messages are copied into a pending list; one flush per event-loop
+ * turn (group commit) writes everything pending, fdatasyncs once, advances the flush LSN and sends
+ * a standby status update. A keepalive that asks for a reply is answered at once with what is
+ * written/flushed now. The flush LSN only ever names bytes that were fdatasync'ed.
+ */
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import pg from 'pg';
+import { XenonError } from '../lib/errors.ts';
+import type { Logger } from '../lib/logger.ts';
+import { formatLsn, historyFileName, parseLsn, segmentOf, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
+import type { ComputeTarget, FollowRequest, TimelineStatus, WalFile, WalListing } from './api.ts';
+import { readControl, writeControl, type ControlState } from './control.ts';
+import type { SafekeeperMetrics } from './metrics.ts';
+import { parseReplicationMessage, standbyStatusUpdate } from './protocol.ts';
+import { SegmentStore, type StoreHooks } from './store.ts';
+
+const SEG = BigInt(WAL_SEGMENT_SIZE);
+/** Above this many bytes received but not yet flushed, stop reading from the compute. */
+const MAX_PENDING_BYTES = 32 * 1024 * 1024;
+/** Status update at least this often while streaming (pg_receivewal's default is 10 s). */
+const STATUS_INTERVAL_MS = 10_000;
+/** Silence from the compute for this long (no data, no keepalive) ends the connection. */
+const RECEIVE_TIMEOUT_MS = 60_000;
+const BACKOFF_START_MS = 100;
+const BACKOFF_MAX_MS = 1_000;
+
+/** Returns values as the server sent them (replication command results are text). */
+const RAW_TYPES = { getTypeParser: () => (v: string) => v };
+
+export interface TimelineDeps {
+  safekeeperId: string;
+  logger: Logger;
+  metrics: SafekeeperMetrics;
+  /** Test hooks for the store (e.g. an injected write error). */
+  storeHooks?: Pick<StoreHooks, 'beforeWrite'>;
+}
+
+interface Pending {
+  tli: number;
+  start: bigint;
+  buf: Buffer;
+}
+
+/** One connection attempt's state. */
+interface Session {
+  client: pg.Client | null;
+  stopped: boolean;
+  fail(err: Error): void;
+}
+
+class StreamError extends Error {
+  override name = 'StreamError';
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export class Timeline {
+  readonly walDir: string;
+  readonly store: SegmentStore;
+  private state: ControlState | null;
+  /** Why the timeline cannot be used (a corrupted control file). */
+  readonly broken: XenonError | null;
+  /** Everything below is fdatasync'ed. */
+  private flushLsn = 0n;
+  /** Everything below is written (maybe not synced). */
+  private writeLsn = 0n;
+  /** End of what the current session has received (the next XLogData must start here). */
+  private receivedEnd = 0n;
+  private computeLsn: bigint | null = null;
+  private streamingNow = false;
+  private lastError: string | null = null;
+  private pending: Pending[] = [];
+  private pendingBytes = 0;
+  private pendingMessages = 0;
+  private flushing: Promise<void> | null = null;
+  private session: Session | null = null;
+  private follower: Promise<void> | null = null;
+  private persisting: Promise<void> = Promise.resolve();
+  private persistAgain = false;
+  private persistRunning = false;
+  private opChain: Promise<unknown> = Promise.resolve();
+  private readonly log: Logger;
+  private closed = false;
+
+  private constructor(
+    readonly id: string,
+    readonly dir: string,
+    state: ControlState | null,
+    broken: XenonError | null,
+    private readonly deps: TimelineDeps,
+  ) {
+    this.state = state;
+    this.broken = broken;
+    this.walDir = join(dir, 'wal');
+    this.log = deps.logger.child({ timelineId: id });
+    const m = deps.metrics;
+    this.store = new SegmentStore(this.walDir, {
+      onSync: (s) => m.fsyncSeconds.observe(s),
+      onBytes: (n) => m.bytesWritten.inc({ timeline_id: id }, n),
+      beforeWrite: deps.storeHooks?.beforeWrite,
+    });
+    if (broken) this.lastError = broken.message;
+  }
+
+  /** Loads a timeline directory; a corrupted control file gives a "broken" timeline (never written). */
+  static async load(id: string, dir: string, deps: TimelineDeps): Promise<Timeline> {
+    let state: ControlState;
+    try {
+      state = await readControl(dir);
+    } catch (err) {
+      const xe = err instanceof XenonError ? err : new XenonError('SK_CONTROL_FILE_CORRUPT', `control file of ${id} unreadable: ${(err as Error).message}`);
+      deps.logger.error('timeline control file unusable; not following', { timelineId: id, err: xe });
+      return new Timeline(id, dir, null, xe, deps);
+    }
+    const tl = new Timeline(id, dir, state, null, deps);
+    if (state.pgTimeline > 0) {
+      const end = await tl.store.recoverEnd(state.pgTimeline, state.flushLsn);
+      if (end !== state.flushLsn) tl.log.info('flush position recovered from the WAL files', { control: formatLsn(state.flushLsn), files: formatLsn(end) });
+      tl.flushLsn = tl.writeLsn = end;
+      if (end !== state.flushLsn) await tl.persist();
+    }
+    return tl;
+  }
+
+  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget }, deps: TimelineDeps): Promise<Timeline> {
+    await mkdir(join(dir, 'wal'), { recursive: true, mode: 0o700 });
+    const state: ControlState = { timelineId: id, generation: req.generation, compute: req.compute, systemId: null, pgTimeline: 0, flushLsn: 0n, history: [] };
+    await writeControl(dir, state);
+    return new Timeline(id, dir, state, null, deps);
+  }
+
+  // ---------------------------------------------------------------- control operations
+
+  /** Serialises follow/unfollow/delete/close. */
+  private op<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.opChain.then(fn, fn);
+    this.opChain = p.catch(() => {});
+    return p;
+  }
+
+  private requireState(): ControlState {
+    if (!this.state) throw this.broken ?? new XenonError('SK_CONTROL_FILE_CORRUPT');
+    return this.state;
+  }
+
+  /** Starts following the stored compute (after load). */
+  resume(): void {
+    if (this.state?.compute && !this.follower && !this.closed) this.startFollower();
+  }
+
+  follow(req: FollowRequest & { startLsn?: bigint }): Promise<TimelineStatus> {
+    return this.op(async () => {
+      const s = this.requireState();
+      if (req.generation < s.generation) {
+        throw new XenonError('SK_GENERATION_FENCED', `generation ${req.generation} < stored ${s.generation} for ${this.id}`, {
+          userMessage: `generation ${req.generation} is fenced: this timeline already follows generation ${s.generation}`,
+        });
+      }
+      if (req.generation === s.generation) {
+        const same = s.compute && sameTarget(s.compute, req.compute);
+        if (!same) {
+          s.compute = req.compute;
+          await this.persist();
+          await this.stopFollower();
+        }
+        if (!this.follower) this.startFollower();
+        return this.status();
+      }
+      // A newer generation: persist the fence first, then cut divergent WAL, then follow.
+      this.log.info('new compute generation', { from: s.generation, to: req.generation, startLsn: req.startLsn === undefined ? undefined : formatLsn(req.startLsn) });
+      s.generation = req.generation;
+      s.compute = req.compute;
+      await this.persist();
+      await this.stopFollower();
+      if (req.startLsn !== undefined && req.startLsn < this.flushLsn) await this.truncateTo(req.startLsn);
+      this.startFollower();
+      return this.status();
+    });
+  }
+
+  unfollow(generation: number): Promise<TimelineStatus> {
+    return this.op(async () => {
+      const s = this.requireState();
+      if (generation < s.generation) {
+        throw new XenonError('SK_GENERATION_FENCED', `unfollow generation ${generation} < stored ${s.generation}`, {
+          userMessage: `generation ${generation} is fenced: this timeline already follows generation ${s.generation}`,
+        });
+      }
+      s.generation = generation;
+      s.compute = null;
+      await this.stopFollower();
+      await this.persist();
+      return this.status();
+    });
+  }
+
+  /** Stops streaming, persists the control file and closes files. */
+  close(): Promise<void> {
+    return this.op(async () => {
+      this.closed = true;
+      await this.stopFollower();
+      if (this.state) await this.persist();
+      await this.store.close().catch(() => {});
+    });
+  }
+
+  /** Stops and removes everything of this timeline. */
+  destroy(): Promise<void> {
+    return this.op(async () => {
+      this.closed = true;
+      await this.stopFollower();
+      await this.store.close().catch(() => {});
+      await this.persisting.catch(() => {});
+      await rm(this.dir, { recursive: true, force: true });
+    });
+  }
+
+  private async truncateTo(lsn: bigint): Promise<void> {
+    const s = this.requireState();
+    // The Postgres timeline holding `lsn`: the first one that ended at or after it.
+    let tli = s.pgTimeline;
+    for (const h of s.history) {
+      if (lsn <= h.switchLsn) { tli = h.tli; break; }
+    }
+    this.log.warn('truncating WAL past the new compute\'s start LSN', { from: formatLsn(this.flushLsn), to: formatLsn(lsn), pgTimeline: tli });
+    await this.store.truncate(tli, lsn);
+    s.history = s.history.filter((h) => h.tli < tli);
+    s.pgTimeline = tli;
+    this.flushLsn = this.writeLsn = lsn;
+    await this.persist();
+  }
+
+  // ---------------------------------------------------------------- persistence
+
+  /** Writes the control file with the current flush LSN (serialised; coalesces concurrent calls). */
+  persist(): Promise<void> {
+    if (!this.state) return Promise.resolve();
+    if (this.persistRunning) {
+      this.persistAgain = true;
+      return this.persisting;
+    }
+    this.persistRunning = true;
+    this.persisting = (async () => {
+      try {
+        do {
+          this.persistAgain = false;
+          const snapshot: ControlState = { ...this.state!, flushLsn: this.flushLsn, history: [...this.state!.history] };
+          await writeControl(this.dir, snapshot);
+        } while (this.persistAgain);
+      } finally {
+        this.persistRunning = false;
+      }
+    })();
+    return this.persisting;
+  }
+
+  // ---------------------------------------------------------------- status
+
+  get flush(): bigint {
+    return this.flushLsn;
+  }
+
+  get streaming(): boolean {
+    return this.streamingNow;
+  }
+
+  lagBytes(): number {
+    return this.computeLsn !== null && this.computeLsn > this.flushLsn ? Number(this.computeLsn - this.flushLsn) : 0;
+  }
+
+  async status(): Promise<TimelineStatus> {
+    const s = this.state;
+    let start = this.flushLsn;
+    try {
+      const first = (await this.store.list()).find((f) => f.kind === 'segment');
+      if (first) start = segmentStart(first.segno!);
+    } catch { /* listing is best effort here */ }
+    return {
+      timeline_id: this.id,
+      safekeeper_id: this.deps.safekeeperId,
+      generation: s?.generation ?? 0,
+      system_id: s?.systemId ?? null,
+      pg_timeline: s?.pgTimeline ?? 0,
+      flush_lsn: formatLsn(this.flushLsn),
+      start_lsn: formatLsn(start),
+      compute_lsn: this.computeLsn === null ? null : formatLsn(this.computeLsn),
+      lag_bytes: this.lagBytes(),
+      streaming: this.streamingNow,
+      compute: s?.compute ? { host: s.compute.host, port: s.compute.port, user: s.compute.user } : null,
+      last_error: this.lastError,
+    };
+  }
+
+  async listWal(): Promise<WalListing> {
+    const s = this.state;
+    const files: WalFile[] = [];
+    for (const f of await this.store.list()) {
+      if (f.kind === 'history') {
+        files.push({ name: f.name, kind: 'history', size: f.size });
+        continue;
+      }
+      const start = segmentStart(f.segno!);
+      let end = start + SEG;
+      if (f.partial) {
+        const ended = s?.history.find((h) => h.tli === f.tli);
+        if (ended) end = ended.switchLsn < end ? ended.switchLsn : end;
+        else if (f.tli === s?.pgTimeline) end = this.flushLsn < start ? start : this.flushLsn < end ? this.flushLsn : end;
+        else end = start;
+      }
+      files.push({ name: f.name, kind: 'segment', pg_timeline: f.tli!, start_lsn: formatLsn(start), end_lsn: formatLsn(end), partial: f.partial!, size: f.size });
+    }
+    return { timeline_id: this.id, flush_lsn: formatLsn(this.flushLsn), pg_timeline: s?.pgTimeline ?? 0, files };
+  }
+
+  /**
+   * The readable end (segment offset) of a segment file: a complete one is all readable; of a
+   * partial one only what is durable (bytes past the flush LSN may be written but not synced, or
+   * about to be truncated) — the rest reads as zeros.
+   */
+  readableEnd(tli: number, segno: bigint, partial: boolean): number {
+    if (!partial) return WAL_SEGMENT_SIZE;
+    const start = segmentStart(segno);
+    const ended = this.state?.history.find((h) => h.tli === tli);
+    const end = ended ? ended.switchLsn : tli === this.state?.pgTimeline ? this.flushLsn : start;
+    if (end <= start) return 0;
+    return end - start >= SEG ? WAL_SEGMENT_SIZE : Number(end - start);
+  }
+
+  // ---------------------------------------------------------------- streaming
+
+  private startFollower(): void {
+    const s = this.requireState();
+    if (!s.compute || this.closed) return;
+    const target = s.compute;
+    const session: Session = { client: null, stopped: false, fail: () => {} };
+    this.session = session;
+    this.follower = this.followLoop(target, session).finally(() => {
+      if (this.session === session) this.session = null;
+    });
+  }
+
+  private async stopFollower(): Promise<void> {
+    const session = this.session;
+    const follower = this.follower;
+    this.follower = null;
+    if (session) {
+      session.stopped = true;
+      session.client?.end().catch(() => {});
+      // end() waits for the server; make sure the socket goes now.
+      (session.client as unknown as { connection?: { stream?: { destroy(): void } } } | null)?.connection?.stream?.destroy();
+    }
+    if (follower) await follower.catch(() => {});
+    await this.drainFlush();
+    this.streamingNow = false;
+  }
+
+  private async followLoop(target: ComputeTarget, session: Session): Promise<void> {
+    let attempt = 0;
+    while (!session.stopped) {
+      let progressed = false;
+      const before = this.flushLsn;
+      try {
+        await this.streamOnce(target, session);
+        this.lastError = null;
+      } catch (err) {
+        if (session.stopped) break;
+        const msg = (err as Error).message;
+        if (this.lastError !== msg) this.log.warn('replication stream failed', { err: err as Error, host: target.host, port: target.port });
+        this.lastError = msg;
+      } finally {
+        this.streamingNow = false;
+        progressed = this.flushLsn !== before;
+      }
+      if (session.stopped) break;
+      await this.drainFlush();
+      attempt = progressed ? 0 : attempt + 1;
+      const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** Math.min(attempt, 10));
+      await sleep(base / 2 + Math.random() * (base / 2));
+      if (session.stopped) break;
+      this.deps.metrics.reconnects.inc({ timeline_id: this.id });
+    }
+  }
+
+  /** One connection: identify, slot, then stream timeline after timeline until an error or stop. */
+  private async streamOnce(target: ComputeTarget, session: Session): Promise<void> {
+    await this.drainFlush();
+    const s = this.requireState();
+    const slot = this.deps.safekeeperId;
+    const client = new pg.Client({
+      host: target.host,
+      port: target.port,
+      user: target.user,
+      password: target.password,
+      database: 'postgres',
+      replication: 'true',
+      application_name: slot,
+      connectionTimeoutMillis: 10_000,
+      keepAlive: true,
+    } as pg.ClientConfig);
+    session.client = client;
+    let clientError: Error | null = null;
+    client.on('error', (err) => { clientError ??= err; });
+    try {
+      await client.connect();
+      if (session.stopped) return;
+      const id = await client.query<string[]>({ text: 'IDENTIFY_SYSTEM', rowMode: 'array', types: RAW_TYPES });
+      const row = id.rows[0];
+      if (!row || row.length < 3) throw new StreamError('IDENTIFY_SYSTEM returned no row: not a replication connection?');
+      const [systemId, tliText, xlogposText] = row as [string, string, string];
+      if (s.systemId !== null && s.systemId !== systemId) {
+        throw new StreamError(`compute ${target.host}:${target.port} belongs to another cluster (system id ${systemId}, this timeline's is ${s.systemId}); refusing its WAL`);
+      }
+      let serverTli = Number(tliText);
+      const xlogpos = parseLsn(xlogposText);
+      if (s.systemId === null) {
+        s.systemId = systemId;
+        await this.persist();
+      }
+      try {
+        await client.query(`CREATE_REPLICATION_SLOT ${slot} PHYSICAL RESERVE_WAL`);
+        this.log.info('created replication slot', { slot });
+      } catch (err) {
+        if ((err as { code?: string }).code !== '42710') throw err;
+      }
+      if (s.pgTimeline === 0) {
+        // A new timeline: begin at the start of the segment holding the compute's WAL position.
+        s.pgTimeline = serverTli;
+        this.flushLsn = this.writeLsn = segmentStart(segmentOf(xlogpos));
+        await this.persist();
+      }
+      while (!session.stopped) {
+        if (serverTli < s.pgTimeline) {
+          throw new StreamError(`compute is on Postgres timeline ${serverTli}, older than this safekeeper's ${s.pgTimeline}`);
+        }
+        if (s.pgTimeline > 1 && !(await this.store.hasHistory(s.pgTimeline))) await this.fetchHistory(client, s.pgTimeline);
+        const next = await this.streamTimeline(client, session, s.pgTimeline, this.flushLsn);
+        if (!next) return;
+        await this.switchTimeline(client, next.tli, next.startLsn);
+        if (next.tli > serverTli) serverTli = next.tli;
+      }
+    } finally {
+      this.streamingNow = false;
+      session.client = null;
+      client.end().catch(() => {});
+      void clientError;
+    }
+  }
+
+  private async fetchHistory(client: pg.Client, tli: number): Promise<void> {
+    const res = await client.query<string[]>({ text: `TIMELINE_HISTORY ${tli}`, rowMode: 'array', types: RAW_TYPES });
+    const row = res.rows[0];
+    if (!row || row.length < 2) throw new StreamError(`TIMELINE_HISTORY ${tli} returned no row`);
+    const [name, content] = row as [string, string];
+    if (name !== historyFileName(tli)) throw new StreamError(`TIMELINE_HISTORY ${tli} returned file ${JSON.stringify(name)}`);
+    await this.store.writeHistory(tli, Buffer.from(content, 'utf8'));
+    this.log.info('stored timeline history', { file: name });
+  }
+
+  private async switchTimeline(client: pg.Client, nextTli: number, switchLsn: bigint): Promise<void> {
+    const s = this.requireState();
+    await this.drainFlush();
+    if (this.flushLsn > switchLsn) {
+      throw new StreamError(`this safekeeper holds WAL up to ${formatLsn(this.flushLsn)} on timeline ${s.pgTimeline}, past its end ${formatLsn(switchLsn)} on the compute`);
+    }
+    this.log.info('Postgres timeline switch', { from: s.pgTimeline, to: nextTli, at: formatLsn(switchLsn) });
+    await this.store.close(); // the old timeline's last segment stays `.partial` (as pg_receivewal leaves it)
+    await this.fetchHistory(client, nextTli);
+    s.history = [...s.history.filter((h) => h.tli !== s.pgTimeline), { tli: s.pgTimeline, switchLsn }];
+    s.pgTimeline = nextTli;
+    // Like pg_receivewal: stream the new timeline from the start of the segment of the switch.
+    this.flushLsn = this.writeLsn = segmentStart(segmentOf(switchLsn));
+    await this.persist();
+  }
+
+  /**
+   * START_REPLICATION on `tli` from `start`. Resolves with the next timeline when the server ends
+   * this one, null when stopped; rejects on errors.
+   */
+  private streamTimeline(client: pg.Client, session: Session, tli: number, start: bigint): Promise<{ tli: number; startLsn: bigint } | null> {
+    const con = (client as unknown as { connection: ReplConnection }).connection;
+    this.receivedEnd = start;
+    return new Promise((resolve, reject) => {
+      let done = false;
+      let lastRecv = Date.now();
+      let lastStatus = 0;
+      const sendStatus = (): void => {
+        if (done || !this.streamingNow) return;
+        lastStatus = Date.now();
+        const flush = this.flushLsn;
+        const write = this.writeLsn > flush ? this.writeLsn : flush;
+        con.sendCopyFromChunk(standbyStatusUpdate(write, flush, 0n));
+      };
+      this.sendStatus = sendStatus;
+      const finish = (err: Error | null, value: { tli: number; startLsn: bigint } | null = null): void => {
+        if (done) return;
+        done = true;
+        clearInterval(tick);
+        con.off('copyData', onData);
+        con.off('copyDone', onCopyDone);
+        con.off('replicationStart', onStart);
+        this.streamingNow = false;
+        if (this.sendStatus === sendStatus) this.sendStatus = () => {};
+        if (err) reject(err);
+        else resolve(value);
+      };
+      session.fail = (err) => {
+        finish(err);
+        con.stream?.destroy();
+      };
+      const onStart = (): void => {
+        this.streamingNow = true;
+        this.lastError = null;
+        this.log.info('streaming', { pgTimeline: tli, from: formatLsn(start) });
+        sendStatus();
+      };
+      const onData = (msg: { chunk: Buffer }): void => {
+        lastRecv = Date.now();
+        try {
+          const m = parseReplicationMessage(msg.chunk);
+          if (m.walEnd > (this.computeLsn ?? 0n)) this.computeLsn = m.walEnd;
+          if (m.tag === 'w') {
+            if (m.dataStart !== this.receivedEnd) {
+              throw new StreamError(`XLogData at ${formatLsn(m.dataStart)}, expected ${formatLsn(this.receivedEnd)}`);
+            }
+            if (m.data.length === 0) return;
+            // The chunk is a view into the parser's buffer, which it reuses: copy.
+            this.pending.push({ tli, start: m.dataStart, buf: Buffer.from(m.data) });
+            this.receivedEnd += BigInt(m.data.length);
+            this.pendingBytes += m.data.length;
+            this.pendingMessages++;
+            if (this.pendingBytes > MAX_PENDING_BYTES) con.stream?.pause();
+            this.scheduleFlush(session);
+          } else if (m.replyRequested) {
+            sendStatus();
+          }
+        } catch (err) {
+          session.fail(err as Error);
+        }
+      };
+      const onCopyDone = (): void => {
+        // The server ended this timeline: answer with CopyDone; the next timeline follows as a result row.
+        this.streamingNow = false;
+        con.endCopyFrom();
+      };
+      const tick = setInterval(() => {
+        if (Date.now() - lastRecv > RECEIVE_TIMEOUT_MS) {
+          session.fail(new StreamError(`no message from the compute for ${RECEIVE_TIMEOUT_MS / 1000} s`));
+        } else if (this.streamingNow && Date.now() - lastStatus >= STATUS_INTERVAL_MS) {
+          sendStatus();
+        }
+      }, 1_000);
+      tick.unref();
+      con.on('copyData', onData);
+      con.on('copyDone', onCopyDone);
+      con.on('replicationStart', onStart);
+      const cmd = `START_REPLICATION SLOT ${this.deps.safekeeperId} PHYSICAL ${formatLsn(start)} TIMELINE ${tli}`;
+      client.query<string[]>({ text: cmd, rowMode: 'array', types: RAW_TYPES }).then(
+        (res) => {
+          // The next-timeline row comes as its own result (then START_STREAMING's CommandComplete).
+          const results = (Array.isArray(res) ? res : [res]) as pg.QueryResult<string[]>[];
+          const row = results.map((r) => r.rows?.[0]).find((r) => r !== undefined);
+          if (session.stopped) return finish(null, null);
+          if (!row || row.length < 2) return finish(new StreamError(`the compute ended streaming on timeline ${tli} without naming a next timeline`));
+          finish(null, { tli: Number(row[0]), startLsn: parseLsn(row[1]!) });
+        },
+        (err: Error) => finish(session.stopped ? null : err),
+      );
+    });
+  }
+
+  private sendStatus: () => void = () => {};
+
+  // ---------------------------------------------------------------- group commit
+
+  private scheduleFlush(session: Session): void {
+    if (this.flushing) return;
+    this.flushing = new Promise<void>((r) => setImmediate(r)).then(() => this.flushPending(session)).finally(() => {
+      this.flushing = null;
+      // Data that arrived during the last write of a loop that just ended.
+      if (this.pending.length > 0 && !session.stopped) this.scheduleFlush(session);
+    });
+  }
+
+  private async flushPending(session: Session): Promise<void> {
+    while (this.pending.length > 0) {
+      const batch = this.pending;
+      const messages = this.pendingMessages;
+      this.pending = [];
+      this.pendingBytes = 0;
+      this.pendingMessages = 0;
+      const con = (session.client as unknown as { connection?: ReplConnection } | null)?.connection;
+      if (con?.stream?.isPaused()) con.stream.resume();
+      const first = batch[0]!;
+      try {
+        const end = await this.store.write(first.tli, first.start, batch.map((p) => p.buf));
+        this.writeLsn = end;
+        await this.store.sync();
+        const completed = segmentOf(end - 1n) > segmentOf(first.start) || end % SEG === 0n;
+        this.flushLsn = end;
+        this.deps.metrics.batchMessages.observe(messages);
+        this.sendStatus();
+        if (completed) void this.persist().catch((err: Error) => this.log.error('control file write failed', { err }));
+      } catch (err) {
+        // Never acknowledge what did not reach the disk: drop the stream; the reconnect resumes at the flush LSN.
+        this.pending = [];
+        this.pendingBytes = 0;
+        this.pendingMessages = 0;
+        this.writeLsn = this.flushLsn;
+        await this.store.close().catch(() => {});
+        const msg = `WAL write failed: ${(err as Error).message}`;
+        this.log.error('WAL write failed; reconnecting', { err: err as Error });
+        session.fail(new StreamError(msg));
+        this.lastError = msg;
+        return;
+      }
+    }
+  }
+
+  /** Waits until nothing is pending or being flushed. */
+  private async drainFlush(): Promise<void> {
+    while (this.flushing) await this.flushing.catch(() => {});
+    this.pending = [];
+    this.pendingBytes = 0;
+    this.pendingMessages = 0;
+  }
+}
+
+interface ReplConnection {
+  on(ev: string, fn: (...a: never[]) => void): void;
+  off(ev: string, fn: (...a: never[]) => void): void;
+  sendCopyFromChunk(b: Buffer): void;
+  endCopyFrom(): void;
+  stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void };
+}
+
+function sameTarget(a: ComputeTarget, b: ComputeTarget): boolean {
+  return a.host === b.host && a.port === b.port && a.user === b.user && a.password === b.password;
+}
