@@ -100,9 +100,11 @@ export class ProcessDriver implements ComputeDriver {
     }
     await stopStalePostmaster(dataDir); // before touching pg_wal
     await writeManagedHba(dataDir, this.opts.runAs);
+    let recovery: Record<string, string> = {};
     if (spec.wal) {
       const r = await restoreWal(dataDir, spec.wal, this.opts.runAs, this.opts.logger);
       if (r.restored.length) this.opts.logger.warn('WAL restored from the safekeepers before start', { computeId: spec.computeId, files: r.restored });
+      recovery = r.settings;
     }
     const inUse = new Set([...this.running.values()].map((r) => r.pg.port));
     let lastErr: unknown;
@@ -117,7 +119,7 @@ export class ProcessDriver implements ComputeDriver {
           runAs: this.opts.runAs,
           logFile: join(this.opts.logDir, `${spec.computeId}.log`),
           readyTimeoutMs: this.opts.readyTimeoutMs,
-          settings: { password_encryption: 'scram-sha-256', ...this.opts.settings, ...spec.settings },
+          settings: { password_encryption: 'scram-sha-256', ...this.opts.settings, ...spec.settings, ...recovery },
         });
         const r: Running = { pg, dataKey: spec.dataKey, suspended: false, stopping: false };
         this.running.set(spec.computeId, r);

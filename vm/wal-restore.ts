@@ -29,7 +29,17 @@ export interface WalRestoreResult {
   restored: string[];
   /** Segments compared (and found equal or replaced). */
   checked: number;
+  /**
+   * Settings the next start needs (empty when none). A cleanly shut down cluster ignores WAL
+   * after its shutdown checkpoint; to replay the safekeepers' WAL it must start in archive
+   * recovery (`recovery.signal`, written here), which reads pg_wal and then promotes — onto a new
+   * Postgres timeline, which the safekeepers follow like any timeline switch.
+   */
+  settings: Record<string, string>;
 }
+
+/** Archive recovery from pg_wal alone: no archive (`false` fails every fetch), to the end of WAL. */
+const RECOVERY_FROM_PG_WAL = { restore_command: 'false', recovery_target_timeline: 'latest' };
 
 const COMPARE_BYTES = 8192;
 
@@ -64,7 +74,7 @@ async function writeFileDurably(path: string, data: Buffer, runAs: RunAs | undef
 
 export async function restoreWal(dataDir: string, src: WalSource, runAs: RunAs | undefined, logger: Logger): Promise<WalRestoreResult> {
   const upTo = parseLsn(src.upTo);
-  const out: WalRestoreResult = { restored: [], checked: 0 };
+  const out: WalRestoreResult = { restored: [], checked: 0, settings: {} };
   if (upTo === 0n) return out;
   const ctl = await readControlData(dataDir);
   // A checkpoint record at or past the quorum's end: the local WAL already has all of it.
@@ -111,6 +121,11 @@ export async function restoreWal(dataDir: string, src: WalSource, runAs: RunAs |
   if (out.restored.length) {
     const dir = await open(walDir, 'r');
     try { await dir.sync(); } finally { await dir.close(); }
+  }
+  if (ctl.state === 'shut down' || ctl.state === 'shut down in recovery') {
+    await writeFileDurably(join(dataDir, 'recovery.signal'), Buffer.alloc(0), runAs);
+    out.settings = { ...RECOVERY_FROM_PG_WAL };
+    logger.warn('the data directory was shut down before the safekeepers\' end of WAL: archive recovery from pg_wal, then promotion', { checkpoint: formatLsn(ctl.checkpoint), upTo: src.upTo });
   }
   return out;
 }

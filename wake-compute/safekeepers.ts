@@ -105,6 +105,7 @@ export class SafekeeperSet {
     this.current.set(timelineId, generation);
     const req = { generation, compute, start_lsn: startLsn };
     let accepted = 0;
+    const progress = { errors: '' };
     let onQuorum!: () => void;
     const quorum = new Promise<void>((r) => (onQuorum = r));
     const attempt = (m: Member, delay: number): void => {
@@ -125,17 +126,33 @@ export class SafekeeperSet {
     for (const m of this.members) attempt(m, RETRY_MIN_MS);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(this.noQuorum(timelineId, accepted)), timeoutMs);
+      timer = setTimeout(() => reject(this.noQuorum(timelineId, accepted, progress.errors)), timeoutMs);
     });
     try {
       await Promise.race([quorum, timeout]);
+      // Accepted is not streaming yet: until a quorum streams, every commit would hang without a
+      // word. Wait for that (bounded), so a start that cannot work fails with the reason.
+      await Promise.race([this.streaming(timelineId, generation, progress), timeout]);
     } finally {
       clearTimeout(timer);
     }
   }
 
-  private noQuorum(timelineId: string, accepted: number): XenonError {
-    return new XenonError('CP_SAFEKEEPERS_UNAVAILABLE', `only ${accepted} of ${this.members.length} safekeepers accepted the compute of ${timelineId}; ${this.quorum} are needed`);
+  private async streaming(timelineId: string, generation: number, progress: { errors: string }): Promise<void> {
+    for (let wait = 5; ; wait = Math.min(wait * 2, 100)) {
+      const st = await this.statuses(timelineId);
+      const ok = st.filter((s) => s && s !== 'unreachable' && s.generation === generation && s.streaming).length;
+      if (ok >= this.quorum) return;
+      if (this.current.get(timelineId) !== generation) throw new XenonError('CP_SAFEKEEPERS_UNAVAILABLE', `a newer compute of ${timelineId} took over`);
+      progress.errors = st.map((s, i) => `${this.members[i]!.id}: ${s === 'unreachable' ? 'unreachable' : s?.streaming ? 'streaming' : (s?.last_error ?? 'not streaming yet')}`).join('; ');
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
+
+  private noQuorum(timelineId: string, accepted: number, errors: string): XenonError {
+    return new XenonError('CP_SAFEKEEPERS_UNAVAILABLE', accepted < this.quorum
+      ? `only ${accepted} of ${this.members.length} safekeepers accepted the compute of ${timelineId}; ${this.quorum} are needed`
+      : `fewer than ${this.quorum} safekeepers stream from the compute of ${timelineId} (${errors})`);
   }
 
   private later(ms: number, fn: () => void): void {

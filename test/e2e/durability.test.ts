@@ -3,7 +3,8 @@
  * client hears "COMMIT". Real stack (`xenon up`: metadata cluster, control plane, proxy, three
  * safekeepers), real computes, clients through the proxy with TLS, kill -9 of real processes.
  */
-import { cpSync, mkdtempSync, readFileSync, readdirSync, rmSync, chmodSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -24,6 +25,11 @@ function postmasterPid(stack: TestStack, branchId: string): number | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** `cp -a`: ownership kept (the data belongs to the `postgres` user when we are root). */
+function copyDir(from: string, to: string): void {
+  execFileSync('cp', ['-a', from, to]);
 }
 
 async function branchOf(stack: TestStack): Promise<string> {
@@ -107,9 +113,9 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
   await stack.api.endpointAction(stack.info.endpoint_id, 'stop');
   const work = mkdtempSync(join(tmpdir(), 'xenon-ledger-'));
   chmodSync(work, 0o755);
-  t.teardown(() => rmSync(work, { recursive: true, force: true }));
+  t.teardown(() => { if (!process.env.XENON_TEST_KEEP) rmSync(work, { recursive: true, force: true }); else t.comment(`kept ${work}`); });
   const base = join(work, 'base');
-  cpSync(join(stack.dirs.data, 'computes', branch, 'pgdata'), base, { recursive: true, preserveTimestamps: true });
+  copyDir(join(stack.dirs.data, 'computes', branch, 'pgdata'), base);
 
   const rand = prng(5);
   let next = 0;
@@ -126,7 +132,8 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
           await c.connect();
         }
         const id = ++next;
-        await c.query('INSERT INTO ledger (id, payload) VALUES ($1, repeat($2, 50))', [id, String(id)]);
+        // ~3 kB of poorly compressible text: the WAL runs over several 16 MiB segments.
+        await c.query(`INSERT INTO ledger (id, payload) SELECT $1, string_agg(md5(random()::text), '') FROM generate_series(1, 100)`, [id]);
         acked.push(id);
       } catch {
         failures++; // an unacknowledged insert may or may not have committed: only acked ones count
@@ -160,29 +167,39 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
   const check = new pg.Client(stack.pgConfig());
   await check.connect();
   const present = new Set((await check.query<{ id: number }>('SELECT id FROM ledger')).rows.map((r) => r.id));
+  const digest = `SELECT md5(string_agg(id || ':' || payload, ',' ORDER BY id)) AS d FROM ledger WHERE id = ANY($1::int[])`;
+  const viaCompute = (await check.query<{ d: string }>(digest, [acked])).rows[0]!.d;
   await check.end();
   const lostViaCompute = acked.filter((id) => !present.has(id));
 
   // 2. From the safekeepers alone: the base image plus WAL fetched from them, recovered in a
   //    scratch Postgres that has never seen the compute's own pg_wal.
   await stack.api.endpointAction(stack.info.endpoint_id, 'stop');
+  t.ok(await waitFor(() => safekeeperList(stack).every((s) => s.pid), 30_000), 'the killed safekeepers were restarted by xenon up');
   const sks = safekeeperList(stack);
-  const flush = await Promise.all(sks.map(async (s) => ({ url: s.url, lsn: (await new SafekeeperClient(s.url).status(branch))!.flush_lsn })));
+  const flush: { url: string; lsn: string }[] = [];
+  for (const s of sks) {
+    const st = await waitFor(async () => (await new SafekeeperClient(s.url).status(branch).catch(() => null)) !== null, 30_000);
+    if (st) flush.push({ url: s.url, lsn: (await new SafekeeperClient(s.url).status(branch))!.flush_lsn });
+  }
+  t.ok(flush.length >= 2, 'a majority of safekeepers answers');
   flush.sort((a, b) => (parseLsn(b.lsn) > parseLsn(a.lsn) ? 1 : -1));
   const scratch = join(work, 'scratch');
-  cpSync(base, scratch, { recursive: true, preserveTimestamps: true });
+  copyDir(base, scratch);
   for (const f of readdirSync(join(scratch, 'pg_wal'))) if (/^[0-9A-F]{24}/.test(f)) rmSync(join(scratch, 'pg_wal', f));
   const runAs = pgRunAs(process.env);
   const restored = await restoreWal(scratch, { timelineId: branch, upTo: flush[1]!.lsn, safekeepers: flush.map((f) => f.url) }, runAs, createLogger({ level: 'error' }));
-  t.ok(restored.restored.length > 0, `restored ${restored.restored.length} WAL files from the safekeepers`);
+  t.ok(restored.restored.length >= 2, `restored ${restored.restored.length} WAL segments from the safekeepers`);
+  t.same(Object.keys(restored.settings).sort(), ['recovery_target_timeline', 'restore_command'], 'a cleanly shut down base replays them in archive recovery');
   const pgp = await PostgresProcess.start({
     bin: findPgBin(process.env), dataDir: scratch, port: await findFreePort(40000, 49999), runAs, logFile: join(work, 'scratch.log'),
-    settings: { synchronous_standby_names: '' },
+    settings: { synchronous_standby_names: '', ...restored.settings },
   });
   t.teardown(() => pgp.stop('immediate'));
   const sc = new pg.Client({ host: '127.0.0.1', port: pgp.port, user: stack.info.role, password: stack.info.password, database: stack.info.database });
   await sc.connect();
   const fromSk = new Set((await sc.query<{ id: number }>('SELECT id FROM ledger')).rows.map((r) => r.id));
+  const viaSafekeepers = (await sc.query<{ d: string }>(digest, [acked])).rows[0]!.d;
   await sc.end();
   await pgp.stop('fast');
   const lostViaSafekeepers = acked.filter((id) => !fromSk.has(id));
@@ -194,4 +211,5 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
   t.ok(acked.length > 100, 'the ledger committed a meaningful number of rows');
   t.same(lostViaCompute, [], 'no acknowledged row is lost');
   t.same(lostViaSafekeepers, [], 'the safekeepers alone hold every acknowledged row');
+  t.equal(viaSafekeepers, viaCompute, 'with the same contents (md5 over every acknowledged row)');
 });
