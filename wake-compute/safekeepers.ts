@@ -105,7 +105,7 @@ export class SafekeeperSet {
     this.current.set(timelineId, generation);
     const req = { generation, compute, start_lsn: startLsn };
     let accepted = 0;
-    const progress = { errors: '' };
+    const progress = { errors: '', done: false };
     let onQuorum!: () => void;
     const quorum = new Promise<void>((r) => (onQuorum = r));
     const attempt = (m: Member, delay: number): void => {
@@ -135,11 +135,12 @@ export class SafekeeperSet {
       await Promise.race([this.streaming(timelineId, generation, progress), timeout]);
     } finally {
       clearTimeout(timer);
+      progress.done = true;
     }
   }
 
-  private async streaming(timelineId: string, generation: number, progress: { errors: string }): Promise<void> {
-    for (let wait = 5; ; wait = Math.min(wait * 2, 100)) {
+  private async streaming(timelineId: string, generation: number, progress: { errors: string; done: boolean }): Promise<void> {
+    for (let wait = 5; !progress.done && !this.closed; wait = Math.min(wait * 2, 100)) {
       const st = await this.statuses(timelineId);
       const ok = st.filter((s) => s && s !== 'unreachable' && s.generation === generation && s.streaming).length;
       if (ok >= this.quorum) return;

@@ -1,0 +1,85 @@
+/**
+ * The control plane's side of the WAL quorum against real parts: three in-process safekeepers
+ * and a real Postgres 15 compute started with the settings the control plane gives it.
+ */
+import { join } from 'node:path';
+import pg from 'pg';
+import t from 'tap';
+import { XenonError } from '../../lib/errors.ts';
+import { createLogger } from '../../lib/logger.ts';
+import { formatLsn, parseLsn } from '../../lib/lsn.ts';
+import { SafekeeperClient } from '../../safekeeper/client.ts';
+import { checkpointRecordEnd, readControlData } from '../../vm/pg-control.ts';
+import { SafekeeperSet } from '../../wake-compute/safekeepers.ts';
+import { startTestPostgres } from '../helpers/postgres.ts';
+import { freePort } from '../helpers/stack.ts';
+import { computeOf, startTestSafekeeper, tempDir } from '../safekeeper/helpers.ts';
+
+const logger = createLogger({ level: 'silent' });
+const TL = 'br-cp-side';
+
+t.test('settings, start point, follow, and a stop that waits for the shutdown checkpoint on a quorum', async (t) => {
+  const root = tempDir(t, 'xenon-cp-sk-');
+  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => startTestSafekeeper(t, id, join(root, id))));
+  const set = new SafekeeperSet(sks.map((s, i) => ({ id: `sk${i + 1}`, url: s.url })), logger, { maxSlotWalKeepSize: '256MB', stopWaitMs: 10_000 });
+  t.teardown(() => set.close());
+  t.equal(set.quorum, 2);
+  const settings = set.computeSettings(7);
+  t.match(settings, { synchronous_standby_names: 'ANY 2 (sk1, sk2, sk3)', synchronous_commit: 'on', wal_level: 'replica', max_slot_wal_keep_size: '256MB', 'xenon.generation': 7 });
+
+  const sp0 = await set.startPoint(TL);
+  t.equal(sp0.upTo, '0/0', 'a new timeline starts from nothing');
+
+  const compute = await startTestPostgres(t, 'xenon-cp-sk-pg-', settings);
+  await set.follow(TL, 7, computeOf(compute), sp0.upTo);
+  const streaming = await Promise.all(sks.map((s) => new SafekeeperClient(s.url).status(TL)));
+  t.ok(streaming.filter((s) => s?.streaming && s.generation === 7).length >= 2, 'follow() returns once a quorum streams');
+
+  const c = new pg.Client(compute.admin());
+  await c.connect();
+  await c.query('CREATE TABLE t (x int)');
+  await c.query('INSERT INTO t SELECT generate_series(1, 1000)');
+  await c.end();
+  const sp1 = await set.startPoint(TL);
+  t.ok(parseLsn(sp1.upTo) > 0n, `the start point moved with the commits (${sp1.upTo})`);
+  t.equal(sp1.order.length, 3);
+
+  await compute.stop();
+  const ctl = await readControlData(compute.dataDir);
+  t.equal(ctl.state, 'shut down');
+  const end = checkpointRecordEnd(ctl.checkpoint);
+  const r = await set.stopped(TL, 7, end);
+  t.same(r, { flushed: 3, quorum: true }, 'every safekeeper has the shutdown checkpoint');
+  for (const s of sks) {
+    const st = (await new SafekeeperClient(s.url).status(TL))!;
+    t.equal(st.flush_lsn, formatLsn(end), `${st.safekeeper_id} flushed exactly to the end of the shutdown checkpoint`);
+    t.equal(st.compute, null, `${st.safekeeper_id} no longer follows the stopped compute`);
+  }
+  t.equal((await set.startPoint(TL)).upTo, formatLsn(end), 'the next start begins at the end of the shutdown checkpoint');
+});
+
+t.test('no majority: the start is refused with a clear error', async (t) => {
+  const root = tempDir(t, 'xenon-cp-sk-');
+  const one = await startTestSafekeeper(t, 'sk1', join(root, 'sk1'));
+  const dead = [await freePort(), await freePort()];
+  const set = new SafekeeperSet(
+    [{ id: 'sk1', url: one.url }, { id: 'sk2', url: `http://127.0.0.1:${dead[0]}` }, { id: 'sk3', url: `http://127.0.0.1:${dead[1]}` }],
+    logger, { maxSlotWalKeepSize: '1GB', stopWaitMs: 1000, requestTimeoutMs: 2000 });
+  t.teardown(() => set.close());
+  const err = await set.startPoint(TL).catch((e: unknown) => e);
+  t.ok(err instanceof XenonError && err.code === 'CP_SAFEKEEPERS_UNAVAILABLE', 'CP_SAFEKEEPERS_UNAVAILABLE');
+  t.match((err as Error).message, /only 1 of 3 safekeepers answered \(unreachable: sk2, sk3\); 2 are needed/);
+});
+
+t.test('safekeepers that cannot stream from the compute fail the start with their reason', async (t) => {
+  const root = tempDir(t, 'xenon-cp-sk-');
+  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => startTestSafekeeper(t, id, join(root, id))));
+  const set = new SafekeeperSet(sks.map((s, i) => ({ id: `sk${i + 1}`, url: s.url })), logger, { maxSlotWalKeepSize: '1GB', stopWaitMs: 1000 });
+  t.teardown(() => set.close());
+  const compute = await startTestPostgres(t, 'xenon-cp-sk-pg-', set.computeSettings(1));
+  const t0 = Date.now();
+  const err = await set.follow(TL, 1, { ...computeOf(compute), password: 'wrong' }, '0/0', 3000).catch((e: unknown) => e);
+  t.ok(err instanceof XenonError && err.code === 'CP_SAFEKEEPERS_UNAVAILABLE', 'CP_SAFEKEEPERS_UNAVAILABLE');
+  t.match((err as Error).message, /fewer than 2 safekeepers stream from the compute.*password authentication failed/);
+  t.ok(Date.now() - t0 < 6000, 'within the timeout');
+});
