@@ -13,6 +13,7 @@ import {
   backend,
   CLOSE_COMPLETE,
   commandComplete,
+  PARSE_COMPLETE,
   cstring,
   cstringEnd,
   frame,
@@ -246,9 +247,32 @@ export class PooledClient {
         this.queueOut(READY_IDLE);
         return true;
       }
+      case FRONTEND.PARSE: {
+        // A named statement the pool already prepared successfully somewhere: register it and answer
+        // (it is prepared on the server connection its Bind lands on).
+        const nameEnd = cstringEnd(f, 5);
+        if (nameEnd === 5) return false;
+        const name = f.toString('utf8', 5, nameEnd);
+        if (this.stmts.has(name)) return false;
+        const stmt = this.statement(f, nameEnd);
+        if (!this.pool.known.get(stmt.serverName)) return false;
+        this.stmts.set(name, stmt);
+        this.queueOut(PARSE_COMPLETE);
+        this.pool.counters.localParses++;
+        return true;
+      }
       default:
         return false;
     }
+  }
+
+  /** A client statement from a named Parse (`nameEnd`: the NUL after its name). */
+  private statement(f: Buffer, nameEnd: number): Statement {
+    // A copy: the frame may be a view of a large read that must not be kept alive.
+    const rest = Buffer.from(f.subarray(nameEnd + 1));
+    const serverName = `xenon_${createHash('sha1').update(rest).digest('base64url').slice(0, 24)}`;
+    const textEnd = cstringEnd(f, nameEnd + 1);
+    return { serverName, nameBuf: cstring(serverName), rest, session: SESSION_RE.test(f.toString('utf8', nameEnd + 1, textEnd)) };
   }
 
   /** DEALLOCATE of statements this client prepared: forgets them and returns the command tag; undefined when not one. */
@@ -413,10 +437,8 @@ export class PooledClient {
       s.expect(K.PARSE_ERROR, { error: ServerConn.duplicateError(name) });
       return;
     }
-    // A copy: the frame may be a view of a large read that must not be kept alive.
-    const rest = Buffer.from(f.subarray(nameEnd + 1));
-    const serverName = `xenon_${createHash('sha1').update(rest).digest('base64url').slice(0, 24)}`;
-    const stmt: Statement = { serverName, nameBuf: cstring(serverName), rest };
+    const stmt = this.statement(f, nameEnd);
+    const { serverName, rest } = stmt;
     this.stmts.set(name, stmt);
     if (s.stmts.get(serverName)) {
       s.expect(K.PARSE_FAKE, { client: this, clientName: name, stmt });
@@ -447,6 +469,7 @@ export class PooledClient {
       return;
     }
     this.ensurePrepared(s, st);
+    if (st.session) s.dirty = true;
     const portal = portalEnd + 1 - 5;
     const tail = f.length - (nameEnd + 1);
     const len = 4 + portal + st.nameBuf.length + tail;

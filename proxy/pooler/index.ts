@@ -54,6 +54,7 @@ export interface PoolStats {
   servers_closed: number;
   prepares: number;
   injected_prepares: number;
+  local_prepares: number;
   resets: number;
 }
 
@@ -216,6 +217,7 @@ export class Pooler {
         servers_closed: c.serversClosed,
         prepares: c.parses,
         injected_prepares: c.injectedParses,
+        local_prepares: c.localParses,
         resets: c.resets,
       });
     }

@@ -5,6 +5,7 @@
  * connections are opened with the credentials of the clients that authenticated (their ClientKey,
  * as for direct sessions), through the same wake as direct sessions.
  */
+import { LRUCache } from 'lru-cache';
 import { XenonError } from '../../lib/errors.ts';
 import type { Logger } from '../../lib/logger.ts';
 import type { ScramSecret } from '../../lib/scram.ts';
@@ -51,6 +52,8 @@ export interface PoolCounters {
   serversClosed: number;
   parses: number;
   injectedParses: number;
+  /** Named Parse messages answered without a server connection (statement known to the pool). */
+  localParses: number;
   resets: number;
 }
 
@@ -69,7 +72,14 @@ export class Pool {
   private firstOpen?: Promise<void>;
   private sweeper?: NodeJS.Timeout;
   closed = false;
-  readonly counters: PoolCounters = { transactions: 0, waits: 0, waitMsTotal: 0, waitMsMax: 0, waitTimeouts: 0, serversOpened: 0, serversClosed: 0, parses: 0, injectedParses: 0, resets: 0 };
+  /**
+   * Server names of statements some server connection of this pool prepared successfully: a
+   * client's Parse + Sync of one of these, between transactions, is answered without a server
+   * connection (it is prepared where its Bind lands). This keeps clients that prepare
+   * synchronously while others hold the pool's connections (pgbench -M prepared) from deadlocking.
+   */
+  readonly known = new LRUCache<string, true>({ max: 10_000 });
+  readonly counters: PoolCounters = { transactions: 0, waits: 0, waitMsTotal: 0, waitMsMax: 0, waitTimeouts: 0, serversOpened: 0, serversClosed: 0, parses: 0, injectedParses: 0, localParses: 0, resets: 0 };
 
   constructor(
     readonly endpoint: string,

@@ -69,6 +69,8 @@ export interface Statement {
   nameBuf: Buffer;
   /** The Parse body after the name: query text, parameter count and types. */
   rest: Buffer;
+  /** Its text uses a session feature: a server connection that executes it must be reset afterwards. */
+  session: boolean;
 }
 
 /** Bookkeeping carried by an expectation, undone when the compute skips the message after an error. */
@@ -300,6 +302,7 @@ export class ServerConn {
       case K.PARSE_ERROR:
         if (type !== BACKEND.PARSE_COMPLETE) return this.desync(kind, type);
         this.pop();
+        if (x?.serverName) this.pool.known.set(x.serverName, true);
         if (kind !== K.PARSE_SKIP) this.forward(buf, start, end);
         this.drainFakes();
         return;
