@@ -101,10 +101,7 @@ export class PooledClient {
     s.on('end', this.onGone);
     s.on('close', this.onGone);
     s.on('error', this.onGone);
-    s.on('drain', () => {
-      const srv = this.server;
-      if (srv && !srv.dead && srv.socket.isPaused()) srv.socket.resume();
-    });
+    s.on('drain', () => this.server?.resume());
     if (early.length) this.reader.push(early);
     this.pump();
     if (!this.closed) s.resume();
@@ -272,12 +269,16 @@ export class PooledClient {
     const rest = Buffer.from(f.subarray(nameEnd + 1));
     const serverName = `xenon_${createHash('sha1').update(rest).digest('base64url').slice(0, 24)}`;
     const textEnd = cstringEnd(f, nameEnd + 1);
-    return { serverName, nameBuf: cstring(serverName), rest, session: SESSION_RE.test(f.toString('utf8', nameEnd + 1, textEnd)) };
+    return { serverName, nameBuf: cstring(serverName), rest, session: SESSION_RE.test(f.toString('latin1', nameEnd + 1, textEnd)) };
   }
 
   /** DEALLOCATE of statements this client prepared: forgets them and returns the command tag; undefined when not one. */
   private deallocate(f: Buffer): string | undefined {
     if (f.length > 300) return undefined;
+    // Cheap test first: the first non-blank byte must be a 'd'.
+    let i = 5;
+    while (i < f.length && (f[i] === 0x20 || (f[i]! >= 0x09 && f[i]! <= 0x0d))) i++;
+    if ((f[i]! | 0x20) !== 0x64) return undefined;
     const m = DEALLOCATE_RE.exec(f.toString('utf8', 5, f.length - 1));
     if (!m) return undefined;
     if (m[2] !== undefined && m[2].toLowerCase() === 'all') {
@@ -337,7 +338,7 @@ export class PooledClient {
           s.expect(K.QUERY_DEALLOCATE, { tag });
           return;
         }
-        this.sessionCheck(s, f.toString('utf8', 5, f.length - 1));
+        this.sessionCheck(s, f.toString('latin1', 5, f.length - 1));
         s.send(f);
         s.expect(K.QUERY);
         return;
@@ -425,7 +426,7 @@ export class PooledClient {
   private parse(s: ServerConn, f: Buffer): void {
     const nameEnd = cstringEnd(f, 5);
     const textEnd = cstringEnd(f, nameEnd + 1);
-    this.sessionCheck(s, f.toString('utf8', nameEnd + 1, textEnd));
+    this.sessionCheck(s, f.toString('latin1', nameEnd + 1, textEnd));
     if (nameEnd === 5) {
       s.send(f);
       s.expect(K.PARSE);

@@ -208,7 +208,7 @@ export class Pool {
       return;
     }
     this.counters.transactions++;
-    if (s.socket.isPaused()) s.socket.resume();
+    s.resume();
     const c = this.nextWaiter();
     if (c) {
       const waited = performance.now() - c.waitStart;

@@ -14,6 +14,7 @@
 import type { Socket } from 'node:net';
 import { LRUCache } from 'lru-cache';
 import { sendCancel } from '../cancellation.ts';
+import { readReused } from '../passthrough.ts';
 import {
   BACKEND,
   BackendScanner,
@@ -140,6 +141,8 @@ export class ServerConn {
   private runStart = 0;
   private runEnd = 0;
   private orphanTimer?: NodeJS.Timeout;
+  /** The socket's reused read buffer during a read (forwarded bytes from it are copied). */
+  private reused: Buffer | null = null;
   private readonly onData = (chunk: Buffer): void => this.receive(chunk);
 
   constructor(
@@ -156,7 +159,13 @@ export class ServerConn {
       },
     });
     socket.setNoDelay(true);
-    socket.on('data', this.onData);
+    // Reads into one reused buffer, without the stream machinery (see passthrough.ts).
+    if (!readReused(socket, (n, buf) => {
+      this.reused = buf;
+      this.receive(n === buf.length ? buf : buf.subarray(0, n));
+      this.reused = null;
+      return !this.paused;
+    })) socket.on('data', this.onData);
     socket.on('drain', () => this.client?.resumeReading());
     socket.on('error', (err) => this.lost(err.message));
     socket.on('close', () => this.lost('closed'));
@@ -224,8 +233,22 @@ export class ServerConn {
     }
     this.flushRun();
     const c = this.client;
-    if (c && !c.flushOut()) this.socket.pause();
+    // A transaction that ended frees this connection first: the next waiting client's query goes
+    // to the compute before this client's answer goes out, so the compute does not sit idle.
     if (this.pending === 0) this.idleCheck();
+    if (c && !c.flushOut() && this.client === c) this.pause();
+  }
+
+  /** Backpressure from the client: stop reading until it drains. */
+  paused = false;
+  pause(): void {
+    this.paused = true;
+    this.socket.pause();
+  }
+  resume(): void {
+    if (!this.paused || this.dead) return;
+    this.paused = false;
+    this.socket.resume();
   }
 
   private readonly onMessage = (type: number, buf: Buffer, start: number, end: number): void => {
@@ -407,7 +430,9 @@ export class ServerConn {
     if (!b) return;
     this.runBuf = null;
     const c = this.client;
-    if (c) c.queueOut(this.runStart === 0 && this.runEnd === b.length ? b : b.subarray(this.runStart, this.runEnd));
+    if (!c) return;
+    if (b === this.reused) c.queueOut(Buffer.from(b.subarray(this.runStart, this.runEnd)));
+    else c.queueOut(this.runStart === 0 && this.runEnd === b.length ? b : b.subarray(this.runStart, this.runEnd));
   }
 
   private emit(msg: Buffer): void {

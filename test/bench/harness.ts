@@ -55,6 +55,35 @@ export function cpuMicros(pid: number): number {
   return (Number(f[11]) + Number(f[12])) * 10_000;
 }
 
+/**
+ * CPU time of a process tree in microseconds (10 ms ticks): the process's own and its reaped
+ * children's (utime, stime, cutime, cstime), plus the same for every live descendant. Counts
+ * Postgres backends that exited during a run (the postmaster reaps them).
+ */
+export function treeCpuMicros(pid: number): number {
+  let ticks = 0;
+  const visit = (p: number): void => {
+    try {
+      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]);
+      for (const tid of readdirSync(`/proc/${p}/task`)) {
+        const kids = readFileSync(`/proc/${p}/task/${tid}/children`, 'utf8').trim();
+        if (kids) for (const k of kids.split(/\s+/)) visit(Number(k));
+      }
+    } catch { /* exited meanwhile */ }
+  };
+  visit(pid);
+  return ticks * 10_000;
+}
+
+/** CPU of this process's reaped children (pgbench runs), µs. */
+export function childrenCpuMicros(): number {
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[13]) + Number(f[14])) * 10_000;
+}
+
 /** The proxy's pid: the child of `xenon up` running proxy/main.ts. */
 export function proxyPid(stack: TestStack): number {
   const kids = readFileSync(`/proc/${stack.child.pid}/task/${stack.child.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
@@ -72,11 +101,17 @@ export interface PgbenchResult {
   connectMs: number;
   /** CPU of the measured process per transaction, µs (NaN when none is measured). */
   cpuPerTx: number;
+  /** With `postmasterPid`: CPU of the compute's Postgres processes per transaction, µs. */
+  pgCpuPerTx: number;
+  /** CPU of pgbench itself per transaction, µs. */
+  pgbenchCpuPerTx: number;
 }
 
-export function pgbench(args: string[], env: NodeJS.ProcessEnv, measurePid?: number): Promise<PgbenchResult> {
+export function pgbench(args: string[], env: NodeJS.ProcessEnv, measurePid?: number, postmasterPid?: number): Promise<PgbenchResult> {
   const bin = join(findPgBin(process.env), 'pgbench');
   const cpu0 = measurePid ? cpuMicros(measurePid) : 0;
+  const pg0 = postmasterPid ? treeCpuMicros(postmasterPid) : 0;
+  const kids0 = childrenCpuMicros();
   return new Promise((resolve, reject) => {
     const child = spawn(bin, args, { env: { ...process.env, ...env } });
     let out = '';
@@ -84,6 +119,8 @@ export function pgbench(args: string[], env: NodeJS.ProcessEnv, measurePid?: num
     child.stderr.on('data', (d: Buffer) => (out += d.toString()));
     child.on('exit', (code) => {
       const cpu = measurePid ? cpuMicros(measurePid) - cpu0 : NaN;
+      const pgCpu = postmasterPid ? treeCpuMicros(postmasterPid) - pg0 : NaN;
+      const kids = childrenCpuMicros() - kids0;
       if (code !== 0) return reject(new Error(`pgbench ${args.join(' ')} exited ${code}:\n${out}`));
       const num = (re: RegExp): number => Number(re.exec(out)?.[1]);
       const transactions = num(/number of transactions actually processed: (\d+)/);
@@ -94,6 +131,8 @@ export function pgbench(args: string[], env: NodeJS.ProcessEnv, measurePid?: num
         transactions,
         connectMs: num(/average connection time = ([\d.]+) ms/),
         cpuPerTx: cpu / transactions,
+        pgCpuPerTx: pgCpu / transactions,
+        pgbenchCpuPerTx: kids / transactions,
       });
     });
   });

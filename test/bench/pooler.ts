@@ -12,7 +12,7 @@
  * 1.1× PgBouncer TPS at 200 clients; churn ≥ 1.0×). Knobs: BENCH_PGBENCH_SECONDS (15),
  * BENCH_CHURN_SECONDS (10), BENCH_REPS (3), BENCH_CLIENTS (200).
  */
-import { chownSync, copyFileSync, mkdirSync } from 'node:fs';
+import { chownSync, copyFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pgRunAs } from '../../lib/postgres.ts';
 import { startTestStack } from '../helpers/stack.ts';
@@ -48,6 +48,7 @@ async function main(): Promise<void> {
   await stack.api.updateEndpoint(ep, { suspend_timeout_seconds: 0, stop_timeout_seconds: 0 });
   await firstRow(stack.pgConfig());
   const computePort = postmasterPort(stack, branch);
+  const postmaster = Number(readFileSync(join(stack.dirs.data, 'computes', branch, 'pgdata', 'postmaster.pid'), 'utf8').split('\n')[0]);
   const { role, database, ca_cert: ca } = stack.info;
   const proxyPort = stack.info.proxy_port;
   const pw = { PGPASSWORD: stack.info.password };
@@ -83,8 +84,8 @@ async function main(): Promise<void> {
   await pgbench(['-S', '-c', '20', '-j', '2', '-T', '2', '-n', conn.pooler], pw);
   await pgbench(['-S', '-c', '20', '-j', '2', '-T', '2', '-n', viaBouncer], pw);
   for (let rep = 0; rep < REPS; rep++) {
-    for (const r of manyRows) r.results.push(await pgbench(r.args, pw, r.pid));
-    for (const r of churnRows) r.results.push(await pgbench(r.args, pw, r.pid));
+    for (const r of manyRows) r.results.push(await pgbench(r.args, pw, r.pid, postmaster));
+    for (const r of churnRows) r.results.push(await pgbench(r.args, pw, r.pid, postmaster));
   }
 
   const out: string[] = [];
@@ -92,22 +93,24 @@ async function main(): Promise<void> {
   const pick = (r: Row, f: (x: PgbenchResult) => number): number[] => r.results.map(f);
   const tps = (r: Row): number => median(pick(r, (x) => x.tps));
   out.push(`pgbench -S -c ${CLIENTS} -j 2 -T ${PGBENCH_SECONDS}, scale 10, TLS from pgbench, ${REPS} runs each: median (min–max)`, '');
-  line('target', 'TPS', 'avg latency ms', 'failed', 'CPU µs per transaction (proxy / PgBouncer)');
-  line('---', '---', '---', '---', '---');
+  line('target', 'TPS', 'avg latency ms', 'failed', 'CPU µs/tx: proxy or PgBouncer', 'Postgres', 'pgbench');
+  line('---', '---', '---', '---', '---', '---', '---');
   for (const r of manyRows) {
     const failed = pick(r, (x) => x.failed).reduce((a, b) => a + b, 0);
-    line(r.name, spread(pick(r, (x) => x.tps), 0), spread(pick(r, (x) => x.latency), 2), String(failed), r.pid ? spread(pick(r, (x) => x.cpuPerTx)) : '—');
+    line(r.name, spread(pick(r, (x) => x.tps), 0), spread(pick(r, (x) => x.latency), 2), String(failed), r.pid ? spread(pick(r, (x) => x.cpuPerTx)) : '—',
+      spread(pick(r, (x) => x.pgCpuPerTx)), spread(pick(r, (x) => x.pgbenchCpuPerTx)));
   }
   out.push('', `Xenon / PgBouncer TPS: ${fmt(tps(manyRows[2]!) / tps(manyRows[1]!), 3)} (goal ≥ 1.1) · Xenon / direct: ${fmt(tps(manyRows[2]!) / tps(manyRows[0]!), 3)} · PgBouncer / direct: ${fmt(tps(manyRows[1]!) / tps(manyRows[0]!), 3)}`, '');
   out.push(`pgbench -S -C -c 8 -j 2 -T ${CHURN_SECONDS} (a new TLS connection per transaction), ${REPS} runs each: median (min–max)`, '');
-  line('target', 'TPS', 'avg connection time ms', 'failed', 'CPU ms per connection (proxy / PgBouncer)');
-  line('---', '---', '---', '---', '---');
+  line('target', 'TPS', 'avg connection time ms', 'failed', 'CPU ms/connection: proxy or PgBouncer', 'Postgres', 'pgbench');
+  line('---', '---', '---', '---', '---', '---', '---');
   for (const r of churnRows) {
     const failed = pick(r, (x) => x.failed).reduce((a, b) => a + b, 0);
-    line(r.name, spread(pick(r, (x) => x.tps), 0), spread(pick(r, (x) => x.connectMs), 2), String(failed), r.pid ? spread(pick(r, (x) => x.cpuPerTx / 1000), 3) : '—');
+    line(r.name, spread(pick(r, (x) => x.tps), 0), spread(pick(r, (x) => x.connectMs), 2), String(failed), r.pid ? spread(pick(r, (x) => x.cpuPerTx / 1000), 3) : '—',
+      spread(pick(r, (x) => x.pgCpuPerTx / 1000), 3), spread(pick(r, (x) => x.pgbenchCpuPerTx / 1000), 3));
   }
   out.push('', `Xenon / PgBouncer churn TPS: ${fmt(tps(churnRows[2]!) / tps(churnRows[1]!), 3)} (goal ≥ 1.0) · Xenon / direct: ${fmt(tps(churnRows[2]!) / tps(churnRows[0]!), 3)} · PgBouncer / direct: ${fmt(tps(churnRows[1]!) / tps(churnRows[0]!), 3)}`, '');
-  out.push(`CPU measured with ${HAS_SCHEDSTAT ? '/proc/<pid>/task/*/schedstat (ns)' : '/proc/<pid>/stat utime+stime (10 ms ticks)'}.`);
+  out.push(`CPU of the proxy / PgBouncer measured with ${HAS_SCHEDSTAT ? '/proc/<pid>/task/*/schedstat (ns)' : '/proc/<pid>/stat utime+stime (10 ms ticks)'}; Postgres: the compute's postmaster and all its processes, reaped ones included (/proc/<pid>/stat, 10 ms ticks); pgbench: this process's reaped children.`);
   process.stdout.write(out.join('\n') + '\n');
 }
 
