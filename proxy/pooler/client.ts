@@ -43,7 +43,7 @@ const FAILING_PARSE = frame(FRONTEND.PARSE, cstring(''), cstring('xenon: prepare
  */
 const SESSION_RE =
   /(?:^|;)\s*(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|prepare\b|discard\b|deallocate\b|load\b|declare\b[\s\S]*?\bwith\s+hold\b|create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b)|pg_advisory_lock|pg_try_advisory_lock|set_config\s*\(/i;
-const DISCARD_RE = /(?:^|;)\s*(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b/i;
+const DISCARD_RE = /(?:^|;)\s*discard\s+all\b/i;
 const DEALLOCATE_RE = /^\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([a-z_][a-z0-9_$]*))\s*;?\s*$/i;
 
 export interface PooledClientOptions {
@@ -415,12 +415,10 @@ export class PooledClient {
 
   private sessionCheck(s: ServerConn, sql: string): void {
     if (!SESSION_RE.test(sql)) return;
+    // Reset (DISCARD ALL, which also empties the statement cache) before anyone else gets it.
     s.dirty = true;
-    if (DISCARD_RE.test(sql)) {
-      // The server's statements are gone (and, for the client, its own).
-      s.stmts.clear();
-      if (/discard\s+all/i.test(sql)) this.stmts.clear();
-    }
+    // DISCARD ALL forgets the client's own statements too.
+    if (DISCARD_RE.test(sql)) this.stmts.clear();
   }
 
   private parse(s: ServerConn, f: Buffer): void {
@@ -496,7 +494,7 @@ export class PooledClient {
     const n = this.out.length;
     if (n === 0) return true;
     const buf = n === 1 ? this.out[0]! : Buffer.concat(this.out, this.outBytes);
-    this.out = [];
+    this.out.length = 0;
     this.outBytes = 0;
     if (this.closed || this.socket.destroyed) return true;
     return this.socket.write(buf);

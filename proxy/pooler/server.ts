@@ -204,7 +204,7 @@ export class ServerConn {
     const n = this.out.length;
     if (n === 0) return true;
     const buf = n === 1 ? this.out[0]! : Buffer.concat(this.out, this.outBytes);
-    this.out = [];
+    this.out.length = 0;
     this.outBytes = 0;
     if (this.dead) return true;
     return this.socket.write(buf);
