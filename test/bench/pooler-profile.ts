@@ -51,6 +51,28 @@ try {
     c.on('exit', () => resolve(out));
   });
   await run(['-i', '-s', '10', '-q', conn(EP)]);
+  if (process.env.PROFILE_PGBOUNCER) {
+    // The same run through PgBouncer (transaction mode, pool 20, client TLS) for comparison.
+    const { mkdtempSync, writeFileSync, chownSync, existsSync, readFileSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { pgRunAs } = await import('../../lib/postgres.ts');
+    const { freePort } = await import('../helpers/stack.ts');
+    const dir = mkdtempSync(join(tmpdir(), 'xenon-prof-bouncer-'));
+    const port = await freePort();
+    writeFileSync(join(dir, 'server.pem'), cert.certPem);
+    writeFileSync(join(dir, 'server-key.pem'), cert.keyPem);
+    writeFileSync(join(dir, 'userlist.txt'), '"app" "app-password"\n');
+    writeFileSync(join(dir, 'pgbouncer.ini'), ['[databases]', `postgres = host=127.0.0.1 port=${db.port} dbname=postgres`, '[pgbouncer]', 'listen_addr = 127.0.0.1', `listen_port = ${port}`, 'unix_socket_dir =',
+      'auth_type = scram-sha-256', `auth_file = ${dir}/userlist.txt`, 'pool_mode = transaction', 'max_client_conn = 400', 'default_pool_size = 20', 'server_tls_sslmode = disable',
+      'client_tls_sslmode = require', `client_tls_cert_file = ${dir}/server.pem`, `client_tls_key_file = ${dir}/server-key.pem`, `logfile = ${dir}/pgbouncer.log`, ''].join('\n'));
+    const runAs = pgRunAs(process.env);
+    if (runAs) for (const f of ['', 'server.pem', 'server-key.pem', 'userlist.txt', 'pgbouncer.ini']) chownSync(join(dir, f), runAs.uid, runAs.gid);
+    const b = spawn('/usr/sbin/pgbouncer', [...(runAs ? ['-u', runAs.user] : []), join(dir, 'pgbouncer.ini')], { stdio: 'ignore' });
+    teardowns.push(() => b.kill('SIGINT'));
+    for (let i = 0; i < 100 && !(existsSync(join(dir, 'pgbouncer.log')) && readFileSync(join(dir, 'pgbouncer.log'), 'utf8').includes('process up')); i++) await new Promise((r) => setTimeout(r, 50));
+    const out = await run(['-S', '-M', MODE, '-c', String(CLIENTS), '-j', '2', '-T', String(SECONDS), '-n', `host=127.0.0.1 port=${port} user=app dbname=postgres sslmode=require`]);
+    console.log(`pgbouncer: tps ${/tps = ([\d.]+)/.exec(out)?.[1]}`);
+  }
   const cpu0 = process.cpuUsage();
   const out = await run(['-S', '-M', MODE, '-c', String(CLIENTS), '-j', '2', '-T', String(SECONDS), '-n', conn(`${EP}-pooler`)]);
   const cpu = process.cpuUsage(cpu0);
