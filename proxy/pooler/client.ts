@@ -145,7 +145,10 @@ export class PooledClient {
         this.fatal(err.code, err.message);
         return;
       }
-      throw err;
+      // A bug of ours must not take the proxy down: this session ends, its server is cleaned up.
+      this.pool.logger.error('pooler: internal error while routing', { err, client: this.id });
+      this.fatal('INTERNAL');
+      return;
     }
     const s = this.server;
     if (s && !s.flush()) this.socket.pause();

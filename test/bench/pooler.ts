@@ -7,7 +7,7 @@
  *   side plain TCP like the proxy's), and the Xenon proxy on `<endpoint>-pooler` (pool 20);
  * - `pgbench -S -C -c 8 -j 2 -T 10` (a new connection, TLS + SCRAM, per transaction).
  *
- * Rows alternate, BENCH_REPS repetitions (3); tables give the median and (min–max), the CPU per
+ * Rows alternate (their order rotates between repetitions), BENCH_REPS repetitions (3); tables give the median and (min–max), the CPU per
  * transaction of the proxy / PgBouncer process, and the ratios the issue sets as goals (Xenon ≥
  * 1.1× PgBouncer TPS at 200 clients; churn ≥ 1.0×). Knobs: BENCH_PGBENCH_SECONDS (15),
  * BENCH_CHURN_SECONDS (10), BENCH_REPS (3), BENCH_CLIENTS (200).
@@ -65,7 +65,8 @@ async function main(): Promise<void> {
     serverTls: 'disable',
   });
   if (!bouncer) throw new Error('pgbouncer is not installed (apt-get install pgbouncer; test/setup/system-deps.js does it as root)');
-  const viaBouncer = `host=127.0.0.1 port=${bouncer.port} user=${role} dbname=${database} sslmode=require`;
+  // Same certificate (*.<domain>) and the same verify-full as the other rows: the client's certificate check costs the same everywhere.
+  const viaBouncer = `host=pgbouncer.localtest.me hostaddr=127.0.0.1 port=${bouncer.port} user=${role} dbname=${database} sslmode=verify-full sslrootcert=${ca}`;
 
   type Row = { name: string; args: string[]; pid?: number; results: PgbenchResult[] };
   const many = ['-S', '-c', String(CLIENTS), '-j', '2', '-T', String(PGBENCH_SECONDS), '-n'];
@@ -83,9 +84,12 @@ async function main(): Promise<void> {
   // Warm the pools (and PgBouncer's) before the first measured run.
   await pgbench(['-S', '-c', '20', '-j', '2', '-T', '2', '-n', conn.pooler], pw);
   await pgbench(['-S', '-c', '20', '-j', '2', '-T', '2', '-n', viaBouncer], pw);
+  // The order of the rows rotates from one repetition to the next, so that none always runs
+  // right after another (200 direct backends exiting, say) or always first.
+  const rotate = <T>(xs: T[], k: number): T[] => xs.map((_, i) => xs[(i + k) % xs.length]!);
   for (let rep = 0; rep < REPS; rep++) {
-    for (const r of manyRows) r.results.push(await pgbench(r.args, pw, r.pid, postmaster));
-    for (const r of churnRows) r.results.push(await pgbench(r.args, pw, r.pid, postmaster));
+    for (const r of rotate(manyRows, rep)) r.results.push(await pgbench(r.args, pw, r.pid, postmaster));
+    for (const r of rotate(churnRows, rep)) r.results.push(await pgbench(r.args, pw, r.pid, postmaster));
   }
 
   const out: string[] = [];
