@@ -24,6 +24,7 @@ const stack = await startTestStack(t, {
 const ep = stack.info.endpoint_id;
 const pooler = `${ep}-pooler`;
 const ca = readFileSync(stack.info.ca_cert, 'utf8');
+const badPoolSize = await stack.api.updateEndpoint(ep, { pool_size: 0 }).then(() => 'accepted', (e: { code?: string }) => e.code ?? 'error');
 const { endpoint } = await stack.api.updateEndpoint(ep, { pool_size: POOL_SIZE });
 
 // A direct (unpooled) session to watch the compute.
@@ -55,6 +56,7 @@ function sampleMax(): { stop: () => Promise<number> } {
 
 t.test(`${CLIENTS} concurrent pg clients with named prepared statements, and postgres.js, on pool size ${POOL_SIZE}`, async (t) => {
   t.equal(endpoint.pool_size, POOL_SIZE, 'pool_size set through PATCH /v1/endpoints/:id');
+  t.equal(badPoolSize, 'CP_BAD_REQUEST', 'pool_size 0 refused');
   const sampler = sampleMax();
   const t0 = performance.now();
   // Connections are opened 50 at a time (TLS and SCRAM cost CPU on both sides of a 2-core

@@ -380,6 +380,29 @@ t.test('invalidation closes idle server connections; the next transaction opens 
   await c.end();
 });
 
+t.test('max_client_conn: pooled clients beyond it get 53300 at connect', async (t) => {
+  const small = await startProxy(loadProxyConfig({
+    XENON_PROXY_PORT: '0', XENON_PROXY_METRICS_PORT: '0', XENON_PROXY_HTTP_PORT: '0', XENON_PROXY_REPORT_INTERVAL_MS: '60000', XENON_POOLER_MAX_CLIENT_CONN: '2',
+  }, []), {
+    logger: createLogger({ level: 'warn', service: 'pooler-test', stream: { write: () => {} } }),
+    controlPlane: cp,
+    secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),
+  });
+  t.teardown(() => small.close());
+  const a = await client({ port: small.address.port });
+  const b = await client({ port: small.address.port });
+  const err = await client({ port: small.address.port }).then(() => null, (e: { code?: string; message: string }) => e);
+  t.equal(err?.code, '53300');
+  t.match(err?.message, /too many pooled client connections to this proxy \(2\)/);
+  // A direct session is not a pooled client.
+  const d = await client({ port: small.address.port, ssl: { ca: ca.certPem, servername: `${EP}.localtest.me` } });
+  t.equal((await d.query<{ x: number }>('SELECT 1 AS x')).rows[0]!.x, 1);
+  await Promise.all([a.end(), b.end(), d.end()]);
+  const c = await client({ port: small.address.port });
+  await c.end();
+  t.pass('room again once clients left');
+});
+
 t.test('admin view and metrics', async (t) => {
   const res = await fetch(`${proxy.metricsUrl}/pooler`);
   const body = (await res.json()) as { pools: { endpoint: string; pool_size: number; transactions: number }[] };
