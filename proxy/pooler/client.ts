@@ -29,6 +29,8 @@ import type { Pool } from './pool.ts';
 
 /** Stop reading a waiting client once this much is buffered. */
 const PAUSE_WAITING_AT = 1024 * 1024;
+/** Named statements one client may hold (their texts are kept in the proxy). */
+export const MAX_CLIENT_STATEMENTS = 10_000;
 
 const READY_IDLE = backend.readyForQuery('I');
 const EMPTY_QUERY = query('');
@@ -253,7 +255,7 @@ export class PooledClient {
         const nameEnd = cstringEnd(f, 5);
         if (nameEnd === 5) return false;
         const name = f.toString('utf8', 5, nameEnd);
-        if (this.stmts.has(name)) return false;
+        if (this.stmts.has(name) || this.stmts.size >= MAX_CLIENT_STATEMENTS) return false;
         const stmt = this.statement(f, nameEnd);
         if (!this.pool.known.get(stmt.serverName)) return false;
         this.stmts.set(name, stmt);
@@ -437,6 +439,13 @@ export class PooledClient {
     if (this.stmts.has(name)) {
       s.send(FAILING_PARSE);
       s.expect(K.PARSE_ERROR, { error: ServerConn.duplicateError(name) });
+      return;
+    }
+    if (this.stmts.size >= MAX_CLIENT_STATEMENTS) {
+      s.send(FAILING_PARSE);
+      s.expect(K.PARSE_ERROR, {
+        error: backend.errorResponse({ severity: 'ERROR', code: '54000', message: `too many prepared statements on this pooled connection (${MAX_CLIENT_STATEMENTS}); close or deallocate some` }),
+      });
       return;
     }
     const stmt = this.statement(f, nameEnd);

@@ -107,7 +107,10 @@ export class Pooler {
   ) {
     this.sweeper = setInterval(() => {
       const now = Date.now();
-      for (const p of this.pools.values()) p.closeIdle(now);
+      for (const p of [...this.pools.values()]) {
+        p.closeIdle(now);
+        this.dropIfUnused(p);
+      }
     }, Math.max(100, Math.min(10_000, settings.serverIdleTimeoutMs / 2)));
     this.sweeper.unref();
     this.registerMetrics();
@@ -125,6 +128,14 @@ export class Pooler {
       this.pools.set(key, p);
     }
     return p;
+  }
+
+  /** Forgets a pool with no clients and no server connections (its counters go with it). */
+  private dropIfUnused(p: Pool): void {
+    if (p.clients.size || p.servers.size || p.opening || p.waiting) return;
+    const key = `${p.endpoint}\0${p.database}\0${p.user}`;
+    if (this.pools.get(key) === p) this.pools.delete(key);
+    p.close();
   }
 
   /** Refuses a client beyond `maxClientConn` (53300), before any compute work. */
@@ -146,7 +157,14 @@ export class Pooler {
     const pool = this.pool(o.endpoint, o.database, o.user);
     pool.size = o.poolSize ?? this.settings.defaultPoolSize;
     pool.setCredentials(o.clientKey, o.secret);
-    const serverParams = await pool.ready();
+    let serverParams: [string, string][];
+    try {
+      serverParams = await pool.ready();
+    } catch (err) {
+      // A database that does not exist (say) must not leave an empty pool behind for each name tried.
+      this.dropIfUnused(pool);
+      throw err;
+    }
     const settings = startupSettings(o.params);
     const out: Buffer[] = [backend.authenticationOk()];
     for (const [k, v] of serverParams) {
