@@ -7,6 +7,8 @@
 import t from 'tap';
 import pg from 'pg';
 import postgres from 'postgres';
+import WebSocket from 'ws';
+import { Client as NeonClient, neonConfig } from '@neondatabase/serverless';
 import { connect as tlsConnect, createSecureContext, type TLSSocket } from 'node:tls';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { createLogger } from '../../lib/logger.ts';
@@ -377,6 +379,24 @@ t.test('invalidation closes idle server connections; the next transaction opens 
   }
   t.ok(closed, 'old server connections closed');
   t.equal((await c.query<{ x: number }>('SELECT 2 AS x')).rows[0]!.x, 2);
+  await c.end();
+});
+
+t.test('WebSocket sessions (@neondatabase/serverless) on a -pooler endpoint', async (t) => {
+  neonConfig.webSocketConstructor = WebSocket;
+  neonConfig.useSecureWebSocket = false;
+  neonConfig.pipelineConnect = 'password';
+  neonConfig.wsProxy = `127.0.0.1:${proxy.httpAddress.port}/v2`;
+  t.teardown(() => { neonConfig.webSocketConstructor = undefined; });
+  const before = stats().transactions;
+  const c = new NeonClient(`postgresql://app:app-password@${POOLER}.localtest.me/app`);
+  await c.connect();
+  const r = await c.query<{ name: string }>('SELECT name FROM items WHERE id = $1', [3]);
+  t.equal(r.rows[0]?.name, 'item 3');
+  await c.query('BEGIN');
+  await c.query('UPDATE items SET n = n WHERE id = 3');
+  await c.query('COMMIT');
+  t.ok(stats().transactions - before >= 2, 'served by the pool');
   await c.end();
 });
 
