@@ -32,6 +32,7 @@ try {
   const access: EndpointAccess = { endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: rows[0]!.s, allowed_ips: [], connection_rate_limit: null, pool_size: 20 };
   const ca = createCa();
   const cert = createServerCert(ca, '*.localtest.me', [{ dns: '*.localtest.me' }]);
+  const secureContext = createSecureContext({ cert: cert.certPem, key: cert.keyPem });
   const proxy = await startProxy(loadProxyConfig({ XENON_PROXY_PORT: '0', XENON_PROXY_METRICS_PORT: '0', XENON_PROXY_HTTP_PORT: '0', XENON_PROXY_REPORT_INTERVAL_MS: '60000', XENON_PROXY_CONNECT_RATE_BURST: '100000' }, []), {
     logger: createLogger({ level: 'warn', service: 'prof', stream: { write: () => {} } }),
     controlPlane: {
@@ -39,7 +40,7 @@ try {
       wakeCompute: async (): Promise<ComputeInfo> => ({ endpoint_id: EP, host: '127.0.0.1', port: db.port, cold: false, cache_ttl_ms: 600_000 }),
       reportConnections: async () => ({ ok: true as const, invalidate: [], invalidate_access: [] }),
     },
-    secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),
+    secureContext: () => secureContext,
   });
   teardowns.push(() => proxy.close());
   const conn = (ep: string): string => `host=${ep}.localtest.me hostaddr=127.0.0.1 port=${proxy.address.port} user=app dbname=postgres sslmode=require`;
