@@ -59,6 +59,8 @@ try {
     const { pgRunAs } = await import('../../lib/postgres.ts');
     const { freePort } = await import('../helpers/stack.ts');
     const dir = mkdtempSync(join(tmpdir(), 'xenon-prof-bouncer-'));
+    const { rmSync } = await import('node:fs');
+    teardowns.push(() => rmSync(dir, { recursive: true, force: true }));
     const port = await freePort();
     writeFileSync(join(dir, 'server.pem'), cert.certPem);
     writeFileSync(join(dir, 'server-key.pem'), cert.keyPem);
@@ -69,7 +71,7 @@ try {
     const runAs = pgRunAs(process.env);
     if (runAs) for (const f of ['', 'server.pem', 'server-key.pem', 'userlist.txt', 'pgbouncer.ini']) chownSync(join(dir, f), runAs.uid, runAs.gid);
     const b = spawn('/usr/sbin/pgbouncer', [...(runAs ? ['-u', runAs.user] : []), join(dir, 'pgbouncer.ini')], { stdio: 'ignore' });
-    teardowns.push(() => b.kill('SIGINT'));
+    teardowns.push(() => new Promise<void>((r) => { if (b.exitCode !== null) return r(); b.once('exit', () => r()); b.kill('SIGINT'); }));
     for (let i = 0; i < 100 && !(existsSync(join(dir, 'pgbouncer.log')) && readFileSync(join(dir, 'pgbouncer.log'), 'utf8').includes('process up')); i++) await new Promise((r) => setTimeout(r, 50));
     const out = await run(['-S', '-M', MODE, '-c', String(CLIENTS), '-j', '2', '-T', String(SECONDS), '-n', `host=127.0.0.1 port=${port} user=app dbname=postgres sslmode=require`]);
     console.log(`pgbouncer: tps ${/tps = ([\d.]+)/.exec(out)?.[1]}`);
