@@ -43,6 +43,9 @@ export const ERROR_CATALOGUE = {
   PROXY_RATE_LIMITED: { sqlstate: '53300', httpStatus: 429, kind: 'rateLimit', retryable: true, userMessage: 'too many connection attempts to this endpoint; slow down and retry' },
   PROXY_AUTH_RATE_LIMITED: { sqlstate: '53300', httpStatus: 429, kind: 'rateLimit', retryable: true, userMessage: 'too many failed authentication attempts from this address; try again later' },
   PROXY_TOO_MANY_CONNECTIONS: { sqlstate: '53300', httpStatus: 429, kind: 'rateLimit', retryable: true, userMessage: 'too many connections to the proxy' },
+  // ---- proxy: transaction pooler (-pooler endpoints)
+  PROXY_POOL_TIMEOUT: { sqlstate: '53300', httpStatus: 429, kind: 'rateLimit', retryable: true, userMessage: 'no server connection of the pool became free in time; try again' },
+  PROXY_POOL_SERVER_LOST: { sqlstate: '08006', httpStatus: 502, kind: 'compute', retryable: true, userMessage: 'the connection to the compute was lost; the transaction was rolled back' },
   // ---- proxy: authentication
   AUTH_FAILED: { sqlstate: '28P01', httpStatus: 401, kind: 'user', retryable: false, userMessage: 'password authentication failed' },
   AUTH_METHOD_UNSUPPORTED: { sqlstate: '28000', httpStatus: 400, kind: 'user', retryable: false, userMessage: 'unsupported authentication method: SCRAM-SHA-256 is required' },

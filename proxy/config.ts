@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { ConfigSource, parseFlags, stateDirFrom, type Env } from '../lib/config.ts';
 import type { LogLevel } from '../lib/logger.ts';
 import type { BucketLimit } from './rate-limit.ts';
+import type { PoolerSettings } from './pooler/pool.ts';
 
 export interface ProxyConfig {
   readonly host: string;
@@ -50,6 +51,8 @@ export interface ProxyConfig {
   readonly maxWakeCacheMs: number;
   readonly reportIntervalMs: number;
   readonly maxClientConnections: number;
+  /** The transaction pooler of `-pooler` endpoints (docs/pooler.md). */
+  readonly pooler: PoolerSettings;
   readonly proxyId: string;
   /** Key for the per-(endpoint, role) salts of mock secrets; random per process by default. */
   readonly mockSecretKey: Buffer;
@@ -102,6 +105,17 @@ export function loadProxyConfig(env: Env = process.env, argv: readonly string[] 
     maxWakeCacheMs: c.int('XENON_WAKE_CACHE_MS', 30_000, { min: 0 }),
     reportIntervalMs: c.int('XENON_PROXY_REPORT_INTERVAL_MS', 1_000, { min: 50 }),
     maxClientConnections: c.int('XENON_PROXY_MAX_CONNECTIONS', 10_000, { min: 1 }),
+    pooler: Object.freeze({
+      defaultPoolSize: c.int('XENON_POOLER_DEFAULT_POOL_SIZE', 20, { min: 1, max: 10_000 }),
+      maxClientConn: c.int('XENON_POOLER_MAX_CLIENT_CONN', 10_000, { min: 1 }),
+      queryWaitTimeoutMs: c.int('XENON_POOLER_QUERY_WAIT_TIMEOUT_MS', 120_000, { min: 10 }),
+      serverIdleTimeoutMs: c.int('XENON_POOLER_SERVER_IDLE_TIMEOUT_MS', 600_000, { min: 100 }),
+      maxPreparedStatements: c.int('XENON_POOLER_MAX_PREPARED_STATEMENTS', 1_000, { min: 1, max: 1_000_000 }),
+      maxMessageBytes: c.int('XENON_POOLER_MAX_MESSAGE_BYTES', 64 * 1024 * 1024, { min: 16 * 1024, max: 1024 * 1024 * 1024 - 5 }),
+      orphanDrainMs: c.int('XENON_POOLER_ORPHAN_DRAIN_MS', 5_000, { min: 10 }),
+      computeConnectTimeoutMs: c.int('XENON_PROXY_COMPUTE_CONNECT_TIMEOUT_MS', 5_000, { min: 10 }),
+      computeConnectAttempts: c.int('XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS', 4, { min: 1, max: 20 }),
+    }),
     proxyId: c.string('XENON_PROXY_ID', `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`),
     mockSecretKey: mock ? Buffer.from(mock, 'utf8') : randomBytes(32),
     logLevel: c.logLevel(),

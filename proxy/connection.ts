@@ -26,6 +26,7 @@ import { PHASES, RequestContext } from './context.ts';
 import type { CachedControlPlane } from './control-plane.ts';
 import type { ProxyMetrics } from './metrics.ts';
 import { pipeBoth } from './passthrough.ts';
+import type { Pooler } from './pooler/index.ts';
 import { plainAddress, sourceNetwork } from './rate-limit.ts';
 import {
   backend,
@@ -49,6 +50,8 @@ export interface SessionDeps {
   secureContext: () => SecureContext;
   limits: ProxyLimits;
   passwords: PasswordVerifier;
+  /** The transaction pooler of `-pooler` endpoints (absent: they are served as direct sessions). */
+  pooler?: Pooler;
 }
 
 /** How long a WebSocket session may take to show a pipelined password after its StartupMessage. */
@@ -293,6 +296,41 @@ export async function handleClient(raw: Duplex, deps: SessionDeps, ctx: RequestC
     // The auth timeout may have fired (and answered) while the password was being checked.
     if (conn.closed) throw new ClientGone('client gone or timed out during authentication');
 
+    // ---- pooled endpoints: the pooler lends server connections per transaction
+    if (ref.pooled && deps.pooler) {
+      deps.tracker.inc(ref.endpoint);
+      counted = ref.endpoint;
+      ctx.begin('connect');
+      const session = await deps.pooler.open({
+        socket: conn.socket,
+        endpoint: ref.endpoint,
+        database,
+        user,
+        clientKey,
+        secret,
+        poolSize: auth.access.pool_size ?? null,
+        params: computeParams,
+        logger: ctx.logger,
+      });
+      ctx.end();
+      if (conn.closed) throw new ClientGone('client left while its pool was being prepared');
+      conn.write(session.greeting);
+      const early = conn.detach();
+      observeConnect(ctx, metrics);
+      const labels = { protocol: ctx.protocol, kind: 'pooler' };
+      metrics.sessionsOpened.inc(labels);
+      metrics.sessionsActive.inc(labels);
+      ctx.logger.info('session started', { ...roundTimings(ctx), auth: auth.method, endpointFrom: ref.source, tls, database, pooled: true });
+      const endpoint = counted;
+      counted = undefined; // released when the pooled client closes
+      session.start(early, () => {
+        deps.tracker.dec(endpoint);
+        metrics.sessionsActive.dec(labels);
+        ctx.logger.info('session ended', { durationMs: Math.round(ctx.elapsedMs), pooled: true });
+      });
+      return;
+    }
+
     // ---- wake and connect (re-wake when a cached address fails)
     deps.tracker.inc(ref.endpoint);
     counted = ref.endpoint;
@@ -529,6 +567,16 @@ async function forwardCancel(processId: number, secretKey: number, deps: Session
     deps.metrics.cancelRequests.inc({ outcome: 'rate_limited' });
     deps.metrics.rateLimited.inc({ limit: 'cancel' });
     ctx.logger.info('cancel request rate-limited', { network: sourceNetwork(peerIp) });
+    return;
+  }
+  const pooled = deps.pooler?.cancel(processId, secretKey);
+  if (pooled) {
+    try {
+      deps.metrics.cancelRequests.inc({ outcome: (await pooled) ? 'forwarded' : 'idle' });
+    } catch (err) {
+      deps.metrics.cancelRequests.inc({ outcome: 'failed' });
+      ctx.logger.warn('cancel request could not reach the compute', { err });
+    }
     return;
   }
   const target = await deps.cancels.get(cancelKey(processId, secretKey));

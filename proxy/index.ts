@@ -23,6 +23,7 @@ import { RequestContext } from './context.ts';
 import { CachedControlPlane } from './control-plane.ts';
 import { createProxyMetrics, type ProxyMetrics } from './metrics.ts';
 import { backend } from './pgwire/index.ts';
+import { Pooler } from './pooler/index.ts';
 
 export interface ProxyDeps {
   logger: Logger;
@@ -42,6 +43,7 @@ export interface ProxyHandle {
   metrics: ProxyMetrics;
   tracker: ConnectionTracker;
   cp: CachedControlPlane;
+  pooler: Pooler;
   /** Client sockets open now. */
   readonly openConnections: number;
   close(): Promise<void>;
@@ -61,6 +63,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
   }
   const api = deps.controlPlane ?? new ControlPlaneClient(config.controlPlaneUrl);
   let sql: SqlOverHttp | undefined;
+  let pooler: Pooler | undefined;
   const cp = new CachedControlPlane(api, { accessTtlMs: config.accessCacheTtlMs, negativeTtlMs: Math.min(config.accessCacheTtlMs, 30_000), maxWakeCacheMs: config.maxWakeCacheMs });
   const tracker = new ConnectionTracker(api, {
     proxyId: config.proxyId,
@@ -70,6 +73,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
       for (const e of inv.wake) {
         cp.invalidateWake(e);
         sql?.invalidate(e);
+        pooler?.invalidate(e);
       }
       for (const e of inv.access) cp.invalidateEndpointAccess(e);
     },
@@ -84,7 +88,8 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     pendingAuth: new Map(),
   };
   const passwords = new PasswordVerifier();
-  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits, passwords };
+  pooler = new Pooler(config.pooler, { cp, metrics, logger: logger.child({ component: 'pooler' }) });
+  const sessionDeps = { config, cp, tracker, cancels, metrics, secureContext, limits, passwords, pooler };
   const rejectDeps = {
     ...sessionDeps,
     config: { ...config, startupTimeoutMs: Math.min(config.startupTimeoutMs, 2_000), idleStartupTimeoutMs: Math.min(config.idleStartupTimeoutMs, 1_000), tlsHandshakeTimeoutMs: Math.min(config.tlsHandshakeTimeoutMs, 1_000) },
@@ -127,8 +132,12 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
   try {
     sql = new SqlOverHttp({ config, cp, tracker, limits, metrics, passwords, logger: logger.child({ component: 'sql' }) });
     serverless = await startServerless(config, { ...sessionDeps, logger, sql, tcpConnections: () => sockets.size }, secureContext);
-    http = await startHttpServer({ host: config.metricsHost, port: config.metricsPort, router: new Router(), registry: metrics.registry, logger });
+    const admin = new Router();
+    const p = pooler;
+    admin.get('/pooler', () => p.stats());
+    http = await startHttpServer({ host: config.metricsHost, port: config.metricsPort, router: admin, registry: metrics.registry, logger });
   } catch (err) {
+    pooler.close();
     server.close();
     tracker.stop();
     certs?.close();
@@ -142,6 +151,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
     metrics,
     tracker,
     cp,
+    pooler,
     get openConnections() { return sockets.size; },
     async close() {
       tracker.stop();
@@ -150,6 +160,7 @@ export async function startProxy(config: ProxyConfig, deps: ProxyDeps): Promise<
         for (const s of sockets) s.destroy();
       });
       await serverless.close();
+      pooler?.close();
       // One last report so the control plane sees this proxy's connections gone.
       await tracker.report().catch(() => {});
       await http.close();

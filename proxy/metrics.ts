@@ -27,5 +27,11 @@ export function createProxyMetrics(registry: Registry = new Registry()) {
     bytes: new Counter({ name: 'xenon_proxy_bytes_total', help: 'Bytes piped, by direction', labelNames: ['direction'], registers: r }),
     cancelRequests: new Counter({ name: 'xenon_proxy_cancel_requests_total', help: 'Cancel requests by outcome', labelNames: ['outcome'], registers: r }),
     computeRetries: new Counter({ name: 'xenon_proxy_compute_connect_retries_total', help: 'Compute connects retried after a failure (re-wake)', registers: r }),
+    poolerWaitSeconds: new Histogram({
+      name: 'xenon_proxy_pooler_wait_seconds',
+      help: 'How long pooled clients waited for a server connection (only waits that happened)',
+      buckets: [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers: r,
+    }),
   };
 }

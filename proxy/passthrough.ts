@@ -76,6 +76,17 @@ export function connectForPipe(opts: TcpNetConnectOpts, onData: (chunk: Buffer) 
 }
 
 /**
+ * Takes over the reads of a socket opened by {@link connectForPipe}: `sink(n, buf)` gets each read
+ * in the reused buffer (valid during the call only: copy what must outlive it); returning false
+ * stops reading until `resume()`. False when the socket was not opened that way.
+ */
+export function readReused(socket: Socket, sink: (n: number, buf: Buffer) => boolean): boolean {
+  if (!isOnread(socket)) return false;
+  socket[kSink] = sink;
+  return true;
+}
+
+/**
  * Pipes `client` and `compute` both ways until either closes; `onClose` runs once, after both
  * are closed or closing, with the bytes each direction forwarded. Errors on either side close both
  * and are not rethrown.

@@ -65,6 +65,8 @@ export interface Endpoint {
   disabled: boolean;
   /** Overrides the proxies' default connection-attempt rate limit for this endpoint; null = default. */
   connection_rate_limit: ConnectionRateLimit | null;
+  /** Server connections per (database, role) of the transaction pooler (`<id>-pooler`); null = the proxies' default (20). */
+  pool_size: number | null;
   /** Live client connections reported by the proxies. */
   connections: number;
   last_active_at: string | null;
@@ -132,6 +134,8 @@ export interface UpdateEndpointRequest {
   disabled?: boolean;
   /** null resets to the proxies' default. */
   connection_rate_limit?: ConnectionRateLimit | null;
+  /** Transaction pooler pool size, 1–10000; null resets to the proxies' default. */
+  pool_size?: number | null;
 }
 
 export interface UpdateProjectRequest {
@@ -161,6 +165,8 @@ export interface EndpointAccess {
   allowed_ips: string[];
   /** Per-endpoint override of the proxy's connection-attempt rate limit; null = the proxy's default. */
   connection_rate_limit: ConnectionRateLimit | null;
+  /** Server connections per (database, role) of the endpoint's transaction pooler (`-pooler`); null (or absent) = the proxy's default. */
+  pool_size?: number | null;
 }
 
 export interface ComputeInfo {

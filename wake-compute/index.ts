@@ -94,6 +94,12 @@ function optRateLimit(b: Record<string, unknown>, key: string): ConnectionRateLi
   }
   return { per_second: r.per_second, burst: r.burst };
 }
+function optPoolSize(b: Record<string, unknown>, key: string): number | null | undefined {
+  const v = b[key];
+  if (v === undefined || v === null) return v;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 10_000) throw badRequest(`${key} must be null or an integer from 1 to 10000`);
+  return v;
+}
 function optAllowedIps(b: Record<string, unknown>, key: string): string[] | undefined {
   const v = b[key];
   if (v === undefined || v === null) return undefined;
@@ -289,14 +295,16 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   r.patch('/v1/endpoints/:endpoint', async ({ params, body }) => {
     const b = obj(body) as Record<string, unknown> & UpdateEndpointRequest;
     if (b.disabled !== undefined && typeof b.disabled !== 'boolean') throw badRequest('disabled must be a boolean');
-    const row = await store.updateEndpoint(params.endpoint!, {
+    const poolSize = optPoolSize(b, 'pool_size');
+    let row = await store.updateEndpoint(params.endpoint!, {
       suspend_timeout_seconds: optSeconds(b, 'suspend_timeout_seconds'),
       stop_timeout_seconds: optSeconds(b, 'stop_timeout_seconds'),
       disabled: b.disabled,
       connection_rate_limit: optRateLimit(b, 'connection_rate_limit'),
     });
+    if (poolSize !== undefined) row = await store.setEndpointPoolSize(row.id, poolSize);
     manager.refresh(row);
-    if (b.connection_rate_limit !== undefined) manager.invalidate(row.id, 'access');
+    if (b.connection_rate_limit !== undefined || poolSize !== undefined) manager.invalidate(row.id, 'access');
     if (row.disabled) await manager.stop(row.id);
     return { endpoint: epOut(row) };
   });
@@ -379,6 +387,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       role_secret: role ? await store.roleSecret(row.branch_id, role) : null,
       allowed_ips: project.allowed_ips,
       connection_rate_limit: rateLimitOut(row),
+      pool_size: row.pool_size ?? null,
     };
   });
   r.post('/v1/proxy/endpoints/:endpoint/wake', async ({ params }) => manager.wake(params.endpoint!));

@@ -67,6 +67,8 @@ const MIGRATIONS: readonly string[] = [
      ADD CONSTRAINT endpoints_connection_rate_both CHECK ((connection_rate_per_second IS NULL) = (connection_rate_burst IS NULL));`,
   // 3: compute generations (safekeeper fencing): incremented at every compute start of a branch.
   `ALTER TABLE branches ADD COLUMN generation bigint NOT NULL DEFAULT 0;`,
+  // 4: per-endpoint size of the transaction pooler's pools (`-pooler`; NULL = the proxies' default).
+  `ALTER TABLE endpoints ADD COLUMN pool_size integer CHECK (pool_size BETWEEN 1 AND 10000);`,
 ];
 
 const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
@@ -82,6 +84,8 @@ export interface EndpointRow {
   last_active_at: Date | null;
   connection_rate_per_second: number | null;
   connection_rate_burst: number | null;
+  /** Migration 4: null = the proxies' default. */
+  pool_size: number | null;
   created_at: Date;
 }
 
@@ -266,6 +270,12 @@ export class MetadataStore {
     if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
     return row;
   }
+  /** The transaction pooler's pool size for the endpoint; null = the proxies' default. */
+  async setEndpointPoolSize(id: string, poolSize: number | null): Promise<EndpointRow> {
+    const [row] = await this.q<EndpointRow>('UPDATE endpoints SET pool_size = $2 WHERE id = $1 RETURNING *', [id, poolSize]);
+    if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
+    return row;
+  }
   async deleteEndpoint(id: string): Promise<EndpointRow> {
     const [row] = await this.q<EndpointRow>('DELETE FROM endpoints WHERE id = $1 RETURNING *', [id]);
     if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
@@ -357,6 +367,7 @@ export function endpointOut(r: EndpointRow, extra: { host: string; state: Endpoi
     stop_timeout_seconds: r.stop_timeout_seconds,
     disabled: r.disabled,
     connection_rate_limit: rateLimitOut(r),
+    pool_size: r.pool_size ?? null,
     connections: extra.connections,
     last_active_at: iso(extra.lastActive ?? r.last_active_at),
     created_at: r.created_at.toISOString(),

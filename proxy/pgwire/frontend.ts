@@ -74,6 +74,11 @@ export interface FrontendMessage {
 export interface FrontendReaderOptions {
   /** Largest accepted typed-message body in bytes (length word excluded). Default 1 MiB. */
   maxMessage?: number;
+  /**
+   * A per-type cap below `maxMessage` (Postgres caps most message types at 10,000 bytes and only
+   * Query, Parse, Bind, FunctionCall and CopyData at 1 GB). Called with the type byte.
+   */
+  limitFor?: (type: number) => number;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -89,6 +94,7 @@ const COMPACT_AFTER = 64;
  */
 export class FrontendReader {
   readonly maxMessage: number;
+  readonly #limitFor: ((type: number) => number) | undefined;
   #chunks: Buffer[] = [];
   /** Index of the first live chunk in #chunks. */
   #head = 0;
@@ -100,6 +106,7 @@ export class FrontendReader {
       throw new RangeError(`maxMessage must be an integer in [0, 2^31 - 5], got ${String(max)}`);
     }
     this.maxMessage = max;
+    this.#limitFor = opts.limitFor;
   }
 
   push(chunk: Buffer): void {
@@ -180,17 +187,29 @@ export class FrontendReader {
    * {@link https://www.postgresql.org/docs/current/protocol-overview.html#PROTOCOL-MESSAGE-CONCEPTS}
    */
   readMessage(): FrontendMessage | null {
+    const frame = this.readFrame();
+    return frame === null ? null : { type: frame[0]!, body: frame.subarray(5) };
+  }
+
+  /**
+   * Like {@link readMessage}, but returns the whole message (type byte, length word and body) as
+   * one Buffer, a view into the pushed chunks whenever the message lies within one of them: what a
+   * router forwards unchanged without re-serializing it.
+   */
+  readFrame(): Buffer | null {
     if (this.#size < 5) return null;
     const header = this.#coalesce(5);
     const type = header[0]!;
     const len = header.readInt32BE(1);
     if (len < 4) throw violation('invalid message length');
-    if (len - 4 > this.maxMessage) throw new PgWireError('PROXY_MESSAGE_TOO_LARGE', 'message too large');
+    const max = this.#limitFor ? Math.min(this.maxMessage, this.#limitFor(type)) : this.maxMessage;
+    if (len - 4 > max) throw new PgWireError('PROXY_MESSAGE_TOO_LARGE', 'message too large');
     const total = len + 1;
     if (this.#size < total) return null;
-    const body = this.#coalesce(total).subarray(5, total);
+    const first = this.#coalesce(total);
+    const frame = first.length === total ? first : first.subarray(0, total);
     this.#skip(total);
-    return { type, body };
+    return frame;
   }
 
   /** Returns and clears any buffered unconsumed bytes. */

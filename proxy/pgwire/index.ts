@@ -69,3 +69,24 @@ export interface AuthenticationSASLFinalMessage {
   length: number;
   data: string;
 }
+
+/** Message-level routing (the transaction pooler): type bytes, a zero-copy backend framer, builders. */
+export {
+  FRONTEND,
+  BACKEND,
+  SMALL_MESSAGE_LIMIT,
+  frontendLimit,
+  isRoutable,
+  cstringEnd,
+  cstring,
+  frame,
+  PARSE_COMPLETE,
+  CLOSE_COMPLETE,
+  SYNC,
+  commandComplete,
+  query,
+  closeMessage,
+  copyFail,
+  BackendScanner,
+} from './route.ts';
+export type { BackendMessageSink } from './route.ts';

@@ -18,12 +18,12 @@
  * CPU time accounted by the scheduler, user + system), read before and after each pgbench run;
  * where schedstat is missing, utime + stime from /proc/<pid>/stat (10 ms ticks).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { chownSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { delimiter, join } from 'node:path';
-import pg from 'pg';
-import { findPgBin, pgRunAs } from '../../lib/postgres.ts';
-import { freePort, startTestStack, type TestStack } from '../helpers/stack.ts';
+import { chownSync, copyFileSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type pg from 'pg';
+import { pgRunAs } from '../../lib/postgres.ts';
+import { startTestStack } from '../helpers/stack.ts';
+import { firstRow, fmt, HAS_SCHEDSTAT, median, pgbench, postmasterPort, proxyPid, quantile, spread, startPgbouncer, type PgbenchResult } from './harness.ts';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 30);
 const PGBENCH_SECONDS = Number(process.env.BENCH_PGBENCH_SECONDS ?? 15);
@@ -31,143 +31,6 @@ const CHURN_SECONDS = Number(process.env.BENCH_CHURN_SECONDS ?? 10);
 const REPS = Number(process.env.BENCH_REPS ?? 3);
 const teardowns: (() => unknown)[] = [];
 
-function quantile(xs: number[], q: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]!;
-}
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-const fmt = (n: number, d = 1): string => n.toFixed(d);
-/** "median (min–max)" */
-const spread = (xs: number[], d = 1): string => (xs.length > 1 ? `${fmt(median(xs), d)} (${fmt(Math.min(...xs), d)}–${fmt(Math.max(...xs), d)})` : fmt(xs[0] ?? NaN, d));
-
-async function firstRow(config: pg.ClientConfig): Promise<number> {
-  const t0 = performance.now();
-  const c = new pg.Client(config);
-  c.on('error', () => {});
-  await c.connect();
-  await c.query('SELECT 1');
-  const ms = performance.now() - t0;
-  await c.end();
-  return ms;
-}
-
-function postmasterPort(stack: TestStack, branch: string): number {
-  return Number(readFileSync(join(stack.dirs.data, 'computes', branch, 'pgdata', 'postmaster.pid'), 'utf8').split('\n')[3]);
-}
-
-const HAS_SCHEDSTAT = existsSync('/proc/self/schedstat');
-
-/** CPU time (user + system) of a process and all its threads, in microseconds. */
-function cpuMicros(pid: number): number {
-  if (HAS_SCHEDSTAT) {
-    let ns = 0;
-    for (const tid of readdirSync(`/proc/${pid}/task`)) {
-      try {
-        ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
-      } catch { /* the thread exited */ }
-    }
-    return ns / 1000;
-  }
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) * 10_000;
-}
-
-/** The proxy's pid: the child of `xenon up` running proxy/main.ts. */
-function proxyPid(stack: TestStack): number {
-  const kids = readFileSync(`/proc/${stack.child.pid}/task/${stack.child.pid}/children`, 'utf8').trim().split(/\s+/).map(Number);
-  const pid = kids.find((k) => readFileSync(`/proc/${k}/cmdline`, 'utf8').includes('proxy/main.ts'));
-  if (!pid) throw new Error('proxy process not found');
-  return pid;
-}
-
-interface PgbenchResult {
-  tps: number;
-  latency: number;
-  failed: number;
-  transactions: number;
-  /** pgbench -C: average connection time, ms. */
-  connectMs: number;
-  /** CPU of the measured process per transaction, µs (NaN when none is measured). */
-  cpuPerTx: number;
-}
-
-function pgbench(args: string[], env: NodeJS.ProcessEnv, measurePid?: number): Promise<PgbenchResult> {
-  const bin = join(findPgBin(process.env), 'pgbench');
-  const cpu0 = measurePid ? cpuMicros(measurePid) : 0;
-  return new Promise((resolve, reject) => {
-    const child = spawn(bin, args, { env: { ...process.env, ...env } });
-    let out = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-    child.on('exit', (code) => {
-      const cpu = measurePid ? cpuMicros(measurePid) - cpu0 : NaN;
-      if (code !== 0) return reject(new Error(`pgbench ${args.join(' ')} exited ${code}:\n${out}`));
-      const num = (re: RegExp): number => Number(re.exec(out)?.[1]);
-      const transactions = num(/number of transactions actually processed: (\d+)/);
-      resolve({
-        tps: num(/tps = ([\d.]+)/),
-        latency: num(/latency average = ([\d.]+) ms/),
-        failed: Number(/number of failed transactions: (\d+)/.exec(out)?.[1] ?? 0),
-        transactions,
-        connectMs: num(/average connection time = ([\d.]+) ms/),
-        cpuPerTx: cpu / transactions,
-      });
-    });
-  });
-}
-
-function findBinary(name: string): string | undefined {
-  const dirs = [...(process.env.PATH ?? '').split(delimiter), '/usr/sbin', '/usr/local/sbin'];
-  return dirs.map((d) => join(d, name)).find((p) => existsSync(p));
-}
-
-/** PgBouncer in session mode in front of the compute, client TLS optional, as a reference pipe. */
-async function startPgbouncer(dir: string, computePort: number, stack: TestStack): Promise<{ port: number; pid: number } | undefined> {
-  const bin = process.env.BENCH_PGBOUNCER === '0' ? undefined : findBinary('pgbouncer');
-  if (!bin) return undefined;
-  mkdirSync(dir, { mode: 0o700 });
-  const port = await freePort();
-  copyFileSync(join(stack.dirs.state, 'certs', 'server.pem'), join(dir, 'server.pem'));
-  copyFileSync(join(stack.dirs.state, 'certs', 'server-key.pem'), join(dir, 'server-key.pem'));
-  writeFileSync(join(dir, 'userlist.txt'), `"${stack.info.role}" "${stack.info.password}"\n`);
-  writeFileSync(join(dir, 'pgbouncer.ini'), [
-    '[databases]',
-    `${stack.info.database} = host=127.0.0.1 port=${computePort} dbname=${stack.info.database}`,
-    '[pgbouncer]',
-    'listen_addr = 127.0.0.1',
-    `listen_port = ${port}`,
-    'unix_socket_dir =',
-    'auth_type = scram-sha-256',
-    `auth_file = ${dir}/userlist.txt`,
-    'pool_mode = session',
-    'max_client_conn = 200',
-    'default_pool_size = 40',
-    'client_tls_sslmode = allow',
-    `client_tls_cert_file = ${dir}/server.pem`,
-    `client_tls_key_file = ${dir}/server-key.pem`,
-    `logfile = ${dir}/pgbouncer.log`,
-    '',
-  ].join('\n'));
-  const runAs = pgRunAs(process.env); // PgBouncer refuses to run as root
-  if (runAs) for (const f of ['', 'server.pem', 'server-key.pem', 'userlist.txt', 'pgbouncer.ini']) chownSync(join(dir, f), runAs.uid, runAs.gid);
-  const child: ChildProcess = spawn(bin, [...(runAs ? ['-u', runAs.user] : []), join(dir, 'pgbouncer.ini')], { stdio: 'ignore' });
-  teardowns.push(() => new Promise<void>((r) => {
-    if (child.exitCode !== null || child.signalCode !== null) return r();
-    child.once('exit', () => r());
-    child.kill('SIGINT');
-  }));
-  for (let i = 0; i < 100; i++) {
-    if (child.exitCode !== null) return undefined;
-    if (existsSync(join(dir, 'pgbouncer.log')) && readFileSync(join(dir, 'pgbouncer.log'), 'utf8').includes('process up')) return { port, pid: child.pid! };
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return undefined;
-}
 
 async function main(): Promise<void> {
   // The compute gets TLS too, so "direct" is a like-for-like TLS baseline. The proxy accepts
@@ -233,7 +96,7 @@ async function main(): Promise<void> {
   const pw = { PGPASSWORD: stack.info.password };
   await pgbench(['-i', '-s', '10', '-q', conn.proxyTls], pw);
   const pid = proxyPid(stack);
-  const bouncer = await startPgbouncer(join(stack.dirs.data, 'bench-pgbouncer'), computePort, stack);
+  const bouncer = await startPgbouncer(join(stack.dirs.data, 'bench-pgbouncer'), computePort, stack, teardowns);
 
   const bench = ['-S', '-c', '16', '-j', '2', '-T', String(PGBENCH_SECONDS), '-n'];
   type Row = { name: string; args: string[]; pid?: number; results: PgbenchResult[] };

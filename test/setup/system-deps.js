@@ -19,6 +19,8 @@ const NEEDS = [
   { what: 'python3-psycopg2', ok: () => dpkgInstalled('python3-psycopg2'), pkg: 'python3-psycopg2' },
   { what: 'pgJDBC (/usr/share/java/postgresql.jar)', ok: () => existsSync('/usr/share/java/postgresql.jar'), pkg: 'libpostgresql-jdbc-java' },
   { what: 'a JDK that runs a source file (java File.java)', ok: () => javaRunsSource(), pkg: 'default-jdk-headless' },
+  // `npm run bench` compares the transaction pooler with PgBouncer (test/bench/pooler.ts, run.ts).
+  { what: 'pgbouncer', ok: () => onPath('pgbouncer') || existsSync('/usr/sbin/pgbouncer'), pkg: 'pgbouncer' },
 ];
 
 function onPath(cmd) {

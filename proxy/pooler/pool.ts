@@ -1,0 +1,323 @@
+/**
+ * The pools: server connections per (endpoint, database, role), at most `size` of them (the
+ * endpoint's `pool_size` or the proxy's default), lent to clients for one transaction, most
+ * recently used first; clients wait in a FIFO queue (53300 after the wait timeout). Server
+ * connections are opened with the credentials of the clients that authenticated (their ClientKey,
+ * as for direct sessions), through the same wake as direct sessions.
+ */
+import { LRUCache } from 'lru-cache';
+import { XenonError } from '../../lib/errors.ts';
+import type { Logger } from '../../lib/logger.ts';
+import type { ScramSecret } from '../../lib/scram.ts';
+import { sendCancel } from '../cancellation.ts';
+import { ComputeError, connectCompute } from '../connect-compute.ts';
+import type { CachedControlPlane } from '../control-plane.ts';
+import type { ProxyMetrics } from '../metrics.ts';
+import type { PooledClient } from './client.ts';
+import { ServerConn } from './server.ts';
+
+export interface PoolerSettings {
+  /** Server connections per (endpoint, database, role) unless the endpoint sets `pool_size`. */
+  defaultPoolSize: number;
+  /** Pooled client connections per proxy. */
+  maxClientConn: number;
+  /** How long a client waits for a server connection (53300 after). */
+  queryWaitTimeoutMs: number;
+  /** Idle server connections are closed after this long. */
+  serverIdleTimeoutMs: number;
+  /** Prepared statements kept per server connection (LRU). */
+  maxPreparedStatements: number;
+  /** Largest Query/Parse/Bind/FunctionCall/CopyData message from a client. */
+  maxMessageBytes: number;
+  /** How long a departed client's transaction may take to finish before its server is cancelled and closed. */
+  orphanDrainMs: number;
+  computeConnectTimeoutMs: number;
+  computeConnectAttempts: number;
+}
+
+export interface PoolDeps {
+  cp: CachedControlPlane;
+  metrics: ProxyMetrics;
+  logger: Logger;
+  settings: PoolerSettings;
+}
+
+export interface PoolCounters {
+  transactions: number;
+  waits: number;
+  waitMsTotal: number;
+  waitMsMax: number;
+  waitTimeouts: number;
+  serversOpened: number;
+  serversClosed: number;
+  parses: number;
+  injectedParses: number;
+  /** Named Parse messages answered without a server connection (statement known to the pool). */
+  localParses: number;
+  resets: number;
+}
+
+export class Pool {
+  size: number;
+  readonly idle: ServerConn[] = [];
+  readonly servers = new Set<ServerConn>();
+  readonly clients = new Set<PooledClient>();
+  opening = 0;
+  private waiters: (PooledClient | null)[] = [];
+  private wHead = 0;
+  private waitCount = 0;
+  /** ParameterStatus of the compute (from the first server connection). */
+  params?: [string, string][];
+  private creds?: { clientKey: Buffer; secret: ScramSecret };
+  private firstOpen?: Promise<void>;
+  private sweeper?: NodeJS.Timeout;
+  closed = false;
+  /**
+   * Server names of statements some server connection of this pool prepared successfully: a
+   * client's Parse + Sync of one of these, between transactions, is answered without a server
+   * connection (it is prepared where its Bind lands). This keeps clients that prepare
+   * synchronously while others hold the pool's connections (pgbench -M prepared) from deadlocking.
+   */
+  readonly known = new LRUCache<string, true>({ max: 10_000 });
+  readonly counters: PoolCounters = { transactions: 0, waits: 0, waitMsTotal: 0, waitMsMax: 0, waitTimeouts: 0, serversOpened: 0, serversClosed: 0, parses: 0, injectedParses: 0, localParses: 0, resets: 0 };
+
+  constructor(
+    readonly endpoint: string,
+    readonly database: string,
+    readonly user: string,
+    private readonly deps: PoolDeps,
+  ) {
+    this.size = deps.settings.defaultPoolSize;
+  }
+
+  get logger(): Logger {
+    return this.deps.logger;
+  }
+
+  get metrics(): ProxyMetrics {
+    return this.deps.metrics;
+  }
+
+  get waiting(): number {
+    return this.waitCount;
+  }
+
+  /** Servers lent to clients or busy draining/resetting. */
+  get active(): number {
+    return this.servers.size - this.idle.length;
+  }
+
+  /** Credentials for new server connections: the most recent client's (a changed password takes over). */
+  setCredentials(clientKey: Buffer, secret: ScramSecret): void {
+    this.creds = { clientKey, secret };
+  }
+
+  /**
+   * Makes sure the compute accepted this (database, role) once, so the client can be told the
+   * compute's parameters: opens the first server connection if there is none yet. Errors (unknown
+   * database, compute unavailable) go to the client.
+   */
+  async ready(): Promise<[string, string][]> {
+    if (this.params) return this.params;
+    this.firstOpen ??= this.open().finally(() => { this.firstOpen = undefined; });
+    await this.firstOpen;
+    return this.params!;
+  }
+
+  // ---- lending
+
+  /** A server connection for `c` now, or null: `c` waits in the queue and gets one through `granted`. */
+  acquire(c: PooledClient): ServerConn | null {
+    if (this.waitCount === 0) {
+      for (;;) {
+        const s = this.idle.pop();
+        if (!s) break;
+        if (s.dead) continue;
+        return s;
+      }
+    }
+    c.waiting = true;
+    c.waitStart = performance.now();
+    this.waiters.push(c);
+    this.waitCount++;
+    this.counters.waits++;
+    this.grow();
+    this.sweeper ??= setInterval(() => this.sweep(), Math.max(10, Math.min(250, this.deps.settings.queryWaitTimeoutMs / 4)));
+    return null;
+  }
+
+  /** A waiting client left. */
+  forgetWaiter(c: PooledClient): void {
+    const i = this.waiters.indexOf(c, this.wHead);
+    if (i >= 0) {
+      this.waiters[i] = null;
+      this.waitCount--;
+    }
+  }
+
+  private nextWaiter(): PooledClient | undefined {
+    while (this.wHead < this.waiters.length) {
+      const c = this.waiters[this.wHead]!;
+      this.waiters[this.wHead++] = null;
+      if (this.wHead > 256 && this.wHead * 2 > this.waiters.length) {
+        this.waiters = this.waiters.slice(this.wHead);
+        this.wHead = 0;
+      }
+      if (c) {
+        this.waitCount--;
+        return c;
+      }
+    }
+    this.waiters.length = 0;
+    this.wHead = 0;
+    return undefined;
+  }
+
+  /** Fails clients that waited longer than the timeout (oldest first: the queue is FIFO). */
+  private sweep(): void {
+    const limit = this.deps.settings.queryWaitTimeoutMs;
+    const now = performance.now();
+    while (this.wHead < this.waiters.length) {
+      const c = this.waiters[this.wHead];
+      if (c && now - c.waitStart < limit) break;
+      this.nextWaiter();
+      if (!c) continue;
+      this.counters.waitTimeouts++;
+      this.deps.metrics.errors.inc({ kind: 'rateLimit', code: 'PROXY_POOL_TIMEOUT' });
+      const xe = new XenonError('PROXY_POOL_TIMEOUT', `no server connection of the pool became free within ${limit} ms (pool size ${this.size}); try again`, {
+        userMessage: `no server connection of the pool became free within ${limit} ms (pool size ${this.size}); try again`,
+      });
+      c.waitFailed(xe.sqlstate, xe.userMessage);
+    }
+    if (this.waitCount === 0) {
+      clearInterval(this.sweeper);
+      this.sweeper = undefined;
+    }
+  }
+
+  /** A server connection is free (transaction over, reset done, or just opened). */
+  release(s: ServerConn): void {
+    if (s.dead) return;
+    if (s.doomed || this.closed || this.servers.size > this.size) {
+      s.destroy(s.doomed ? 'compute invalidated' : 'pool shrank');
+      return;
+    }
+    if (s.dirty) {
+      this.counters.resets++;
+      s.reset((ok) => (ok ? this.release(s) : s.destroy('reset failed')));
+      return;
+    }
+    this.counters.transactions++;
+    s.resume();
+    const c = this.nextWaiter();
+    if (c) {
+      const waited = performance.now() - c.waitStart;
+      this.counters.waitMsTotal += waited;
+      if (waited > this.counters.waitMsMax) this.counters.waitMsMax = waited;
+      this.deps.metrics.poolerWaitSeconds.observe(waited / 1000);
+      s.lastUsed = Date.now();
+      c.granted(s);
+      return;
+    }
+    s.lastUsed = Date.now();
+    this.idle.push(s);
+  }
+
+  /** A server connection closed. */
+  removed(s: ServerConn, reason: string): void {
+    if (!this.servers.delete(s)) return;
+    this.counters.serversClosed++;
+    const i = this.idle.indexOf(s);
+    if (i >= 0) this.idle.splice(i, 1);
+    this.deps.logger.debug('pooler: server connection closed', { endpoint: this.endpoint, server: s.id, reason });
+    this.grow();
+  }
+
+  /** Opens server connections while clients wait and the pool has room. */
+  private grow(): void {
+    while (!this.closed && this.waitCount > this.opening && this.servers.size + this.opening < this.size) {
+      this.open().catch((err: Error) => this.openFailed(err));
+    }
+  }
+
+  private openFailed(err: Error): void {
+    if (this.servers.size + this.opening > 0) return; // others will serve the queue
+    const xe = err instanceof ComputeError ? undefined : err instanceof XenonError ? err : new XenonError('PROXY_COMPUTE_UNAVAILABLE', err.message);
+    const code = err instanceof ComputeError ? err.fields.code : xe!.sqlstate;
+    const message = err instanceof ComputeError ? err.fields.message : xe!.userMessage;
+    for (let c = this.nextWaiter(); c; c = this.nextWaiter()) c.waitFailed(code, message);
+  }
+
+  /** Opens one server connection (re-waking on failure, as direct sessions do) and releases it into the pool. */
+  private async open(): Promise<void> {
+    const creds = this.creds;
+    if (!creds) throw new XenonError('INTERNAL', 'no credentials for the pool');
+    const { settings, cp } = this.deps;
+    this.opening++;
+    try {
+      for (let attempt = 1; ; attempt++) {
+        let cached = false;
+        try {
+          const info = await cp.wakeCompute(this.endpoint);
+          cached = info.cached;
+          const session = await connectCompute({
+            host: info.host,
+            port: info.port,
+            params: { user: this.user, database: this.database },
+            clientKey: creds.clientKey,
+            secret: creds.secret,
+            timeoutMs: cached ? Math.min(settings.computeConnectTimeoutMs, 1_000) : settings.computeConnectTimeoutMs,
+          });
+          session.socket.removeAllListeners('error');
+          const s = new ServerConn(this, session.socket, session.processId, session.secretKey, settings.maxPreparedStatements);
+          this.params ??= session.parameters;
+          this.opening--;
+          this.servers.add(s);
+          this.counters.serversOpened++;
+          this.deps.logger.debug('pooler: server connection opened', { endpoint: this.endpoint, server: s.id, cold: info.cold });
+          this.release(s);
+          return;
+        } catch (err) {
+          const xe = err instanceof XenonError ? err : undefined;
+          if (xe?.code === 'PROXY_COMPUTE_AUTH_FAILED') cp.invalidateAccess(this.endpoint, this.user);
+          const retry = (cached && !(err instanceof ComputeError) && xe?.code !== 'PROXY_COMPUTE_AUTH_FAILED') || (xe?.retryable ?? false);
+          if (!retry || attempt >= settings.computeConnectAttempts || this.closed) throw err;
+          cp.invalidateWake(this.endpoint);
+          this.deps.metrics.computeRetries.inc();
+          if (!cached) await new Promise((r) => setTimeout(r, Math.min(2_000, 50 * 2 ** attempt * (0.5 + Math.random()))));
+        }
+      }
+    } catch (err) {
+      this.opening--;
+      throw err;
+    }
+  }
+
+  /** Closes idle server connections unused for the idle timeout. */
+  closeIdle(now = Date.now()): void {
+    const limit = this.deps.settings.serverIdleTimeoutMs;
+    for (const s of [...this.idle]) if (now - s.lastUsed >= limit) s.destroy('idle');
+  }
+
+  /**
+   * The compute was suspended, stopped or moved: close idle connections now and busy ones when
+   * their transaction ends; new ones are opened (with a fresh wake) when clients need them.
+   */
+  invalidate(): void {
+    for (const s of this.servers) s.doomed = true;
+    for (const s of [...this.idle]) s.destroy('compute invalidated');
+  }
+
+  /** Cancels what `c` runs now, on the server connection it holds. */
+  cancel(c: PooledClient): Promise<boolean> {
+    const s = c.server;
+    if (!s || s.dead || s.pending === 0) return Promise.resolve(false);
+    return sendCancel({ host: s.host, port: s.port, processId: s.processId, secretKey: s.secretKey }).then(() => true);
+  }
+
+  close(): void {
+    this.closed = true;
+    clearInterval(this.sweeper);
+    for (const s of [...this.servers]) s.destroy('proxy closing');
+  }
+}
