@@ -97,7 +97,7 @@ export async function startReceivewal(t: Teardown, pgc: { port: number; admin():
   const conn = `host=127.0.0.1 port=${pgc.port} user=admin password=admin-pw application_name=${slot}`;
   mkdirSync(dir, { recursive: true });
   await runTool(join(PG_BIN, 'pg_receivewal'), ['--create-slot', '--if-not-exists', '--slot', slot, '-d', conn]);
-  const child = spawn(join(PG_BIN, 'pg_receivewal'), ['-D', dir, '--slot', slot, '--synchronous', '--no-loop', '-d', conn], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(join(PG_BIN, 'pg_receivewal'), ['-D', dir, '--slot', slot, '--synchronous', '--no-loop', '--status-interval=1', '-d', conn], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
