@@ -24,6 +24,8 @@ export interface StoreHooks {
   onBytes?(n: number): void;
   /** Test hook: throw to simulate a failing disk (called before every data write). */
   beforeWrite?(): void;
+  /** A segment became complete: synced, renamed to its final name, directory synced. */
+  onComplete?(e: { tli: number; segno: bigint; path: string }): void;
 }
 
 export interface StoredFile {
@@ -106,10 +108,12 @@ export class SegmentStore {
     const c = this.cur;
     if (!c) return;
     await this.closeCurrent();
+    const path = c.partial ? c.path.slice(0, -'.partial'.length) : c.path;
     if (c.partial) {
-      await rename(c.path, c.path.slice(0, -'.partial'.length));
+      await rename(c.path, path);
       await fsyncDir(this.dir);
     }
+    this.hooks.onComplete?.({ tli: c.tli, segno: c.segno, path });
   }
 
   /**

@@ -8,7 +8,7 @@
  * written/flushed now. The flush LSN only ever names bytes that were fdatasync'ed.
  */
 import { mkdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import pg from 'pg';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
@@ -38,6 +38,21 @@ export interface TimelineDeps {
   metrics: SafekeeperMetrics;
   /** Test hooks for the store (e.g. an injected write error). */
   storeHooks?: Pick<StoreHooks, 'beforeWrite'>;
+  /** See {@link SegmentCompleteEvent}. */
+  onSegmentComplete?(e: SegmentCompleteEvent): void;
+}
+
+/**
+ * A WAL segment became complete on this safekeeper (fdatasync'ed, final name, directory synced).
+ * The hook for offloading segments to the object store (the pageserver issue): note that complete
+ * here means complete on *this* safekeeper; whether a quorum holds it is for the uploader to check.
+ */
+export interface SegmentCompleteEvent {
+  timelineId: string;
+  pgTimeline: number;
+  segno: bigint;
+  fileName: string;
+  path: string;
 }
 
 interface Pending {
@@ -103,6 +118,13 @@ export class Timeline {
       onSync: (s) => m.fsyncSeconds.observe(s),
       onBytes: (n) => m.bytesWritten.inc({ timeline_id: id }, n),
       beforeWrite: deps.storeHooks?.beforeWrite,
+      onComplete: (e) => {
+        try {
+          deps.onSegmentComplete?.({ timelineId: id, pgTimeline: e.tli, segno: e.segno, fileName: basename(e.path), path: e.path });
+        } catch (err) {
+          this.log.error('segment-complete hook failed', { err: err as Error });
+        }
+      },
     });
     if (broken) this.lastError = broken.message;
   }

@@ -12,7 +12,7 @@ import pg from 'pg';
 import { silentLogger } from '../../lib/logger.ts';
 import { formatLsn, parseLsn, parseSegmentFileName, segmentStart, WAL_SEGMENT_SIZE } from '../../lib/lsn.ts';
 import type { ComputeTarget } from '../../safekeeper/api.ts';
-import { loadSafekeeperConfig, startSafekeeper, type SafekeeperHandle } from '../../safekeeper/index.ts';
+import { loadSafekeeperConfig, startSafekeeper, type SafekeeperDeps, type SafekeeperHandle } from '../../safekeeper/index.ts';
 import type { TestPostgres } from '../helpers/postgres.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..', '..');
@@ -34,7 +34,7 @@ export function computeOf(pgc: { port: number }): ComputeTarget {
 }
 
 /** An in-process safekeeper on a free port; closed at teardown (unless closed before). */
-export async function startTestSafekeeper(t: Teardown, id: string, dataDir: string, extra: { beforeWrite?: () => void } = {}): Promise<SafekeeperHandle> {
+export async function startTestSafekeeper(t: Teardown, id: string, dataDir: string, extra: Omit<SafekeeperDeps, 'logger'> = {}): Promise<SafekeeperHandle> {
   const config = loadSafekeeperConfig({ XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: '0', XENON_SAFEKEEPER_DATA_DIR: dataDir }, []);
   const sk = await startSafekeeper(config, { logger: process.env.SK_TEST_LOG ? (await import('../../lib/logger.ts')).createLogger({ level: 'debug' }).child({ sk: id }) : silentLogger, ...extra });
   t.teardown(() => sk.close());
