@@ -188,6 +188,23 @@ export class SegmentStore {
     return out;
   }
 
+  /** The lowest segment number held (any timeline), from names only. */
+  async oldestSegment(): Promise<bigint | undefined> {
+    let names: string[];
+    try {
+      names = await readdir(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw err;
+    }
+    let min: bigint | undefined;
+    for (const name of names) {
+      const seg = parseSegmentFileName(name);
+      if (seg && (min === undefined || seg.segno < min)) min = seg.segno;
+    }
+    return min;
+  }
+
   /** Writes `<TLI>.history` atomically (tmp, fsync, rename, fsync dir). */
   async writeHistory(tli: number, content: Buffer): Promise<void> {
     const path = join(this.dir, historyFileName(tli));

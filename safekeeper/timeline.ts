@@ -65,7 +65,26 @@ interface Pending {
 interface Session {
   client: pg.Client | null;
   stopped: boolean;
+  /** Resolves when the session is stopped (to abandon waits such as a connect). */
+  stopSignal: Promise<void>;
+  stop(): void;
   fail(err: Error): void;
+}
+
+function newSession(): Session {
+  let signal!: () => void;
+  const stopSignal = new Promise<void>((r) => (signal = r));
+  const session: Session = {
+    client: null,
+    stopped: false,
+    stopSignal,
+    stop() {
+      session.stopped = true;
+      signal();
+    },
+    fail: () => {},
+  };
+  return session;
 }
 
 class StreamError extends Error {
@@ -141,7 +160,14 @@ export class Timeline {
     }
     const tl = new Timeline(id, dir, state, null, deps);
     if (state.pgTimeline > 0) {
-      const end = await tl.store.recoverEnd(state.pgTimeline, state.flushLsn);
+      let end: bigint;
+      try {
+        end = await tl.store.recoverEnd(state.pgTimeline, state.flushLsn);
+      } catch (err) {
+        const xe = new XenonError('SK_UNAVAILABLE', `timeline ${id}: reading its WAL files failed: ${(err as Error).message}`, { cause: err });
+        deps.logger.error('timeline WAL files unreadable; not following', { timelineId: id, err: xe });
+        return new Timeline(id, dir, null, xe, deps);
+      }
       if (end !== state.flushLsn) tl.log.info('flush position recovered from the WAL files', { control: formatLsn(state.flushLsn), files: formatLsn(end) });
       tl.flushLsn = tl.writeLsn = end;
       if (end !== state.flushLsn) await tl.persist();
@@ -199,6 +225,7 @@ export class Timeline {
       s.compute = req.compute;
       await this.persist();
       await this.stopFollower();
+      this.computeLsn = null;
       if (req.startLsn !== undefined && req.startLsn < this.flushLsn) await this.truncateTo(req.startLsn);
       this.startFollower();
       return this.status();
@@ -299,9 +326,9 @@ export class Timeline {
     const s = this.state;
     let start = this.flushLsn;
     try {
-      const first = (await this.store.list()).find((f) => f.kind === 'segment');
-      if (first) start = segmentStart(first.segno!);
-    } catch { /* listing is best effort here */ }
+      const first = await this.store.oldestSegment();
+      if (first !== undefined) start = segmentStart(first);
+    } catch { /* best effort */ }
     return {
       timeline_id: this.id,
       safekeeper_id: this.deps.safekeeperId,
@@ -359,11 +386,16 @@ export class Timeline {
     const s = this.requireState();
     if (!s.compute || this.closed) return;
     const target = s.compute;
-    const session: Session = { client: null, stopped: false, fail: () => {} };
+    const session = newSession();
     this.session = session;
-    this.follower = this.followLoop(target, session).finally(() => {
-      if (this.session === session) this.session = null;
-    });
+    this.follower = this.followLoop(target, session)
+      .catch((err: Error) => {
+        this.lastError = `follower failed: ${err.message}`;
+        this.log.error('follower loop failed', { err });
+      })
+      .finally(() => {
+        if (this.session === session) this.session = null;
+      });
   }
 
   private async stopFollower(): Promise<void> {
@@ -371,9 +403,9 @@ export class Timeline {
     const follower = this.follower;
     this.follower = null;
     if (session) {
-      session.stopped = true;
-      session.client?.end().catch(() => {});
-      // end() waits for the server; make sure the socket goes now.
+      session.stop();
+      // Not client.end(): during a connect it makes pg never settle connect(). Dropping the
+      // socket ends a stream as well (the compute sees a disconnect).
       (session.client as unknown as { connection?: { stream?: { destroy(): void } } } | null)?.connection?.stream?.destroy();
     }
     if (follower) await follower.catch(() => {});
@@ -428,7 +460,11 @@ export class Timeline {
     let clientError: Error | null = null;
     client.on('error', (err) => { clientError ??= err; });
     try {
-      await client.connect();
+      const stopped = session.stopSignal.then(() => {
+        throw new StreamError('stopped');
+      });
+      stopped.catch(() => {});
+      await Promise.race([client.connect(), stopped]);
       if (session.stopped) return;
       const id = await client.query<string[]>({ text: 'IDENTIFY_SYSTEM', rowMode: 'array', types: RAW_TYPES });
       const row = id.rows[0];
@@ -601,11 +637,17 @@ export class Timeline {
 
   private scheduleFlush(session: Session): void {
     if (this.flushing) return;
-    this.flushing = new Promise<void>((r) => setImmediate(r)).then(() => this.flushPending(session)).finally(() => {
-      this.flushing = null;
-      // Data that arrived during the last write of a loop that just ended.
-      if (this.pending.length > 0 && !session.stopped) this.scheduleFlush(session);
-    });
+    this.flushing = new Promise<void>((r) => setImmediate(r))
+      .then(() => this.flushPending(session))
+      .catch((err: Error) => {
+        this.log.error('flush failed', { err });
+        session.fail(err);
+      })
+      .finally(() => {
+        this.flushing = null;
+        // Data that arrived during the last write of a loop that just ended.
+        if (this.pending.length > 0 && !session.stopped) this.scheduleFlush(session);
+      });
   }
 
   private async flushPending(session: Session): Promise<void> {
