@@ -138,6 +138,7 @@ export async function startSafekeeper(config: SafekeeperConfig, deps: Safekeeper
     metrics,
     storeHooks: deps.beforeWrite ? { beforeWrite: deps.beforeWrite } : undefined,
     onSegmentComplete: deps.onSegmentComplete,
+    syncMethod: config.syncMethod,
   };
 
   for (const name of (await readdir(timelinesDir)).sort()) {

@@ -16,8 +16,8 @@ import { formatLsn, historyFileName, parseLsn, segmentOf, segmentStart, WAL_SEGM
 import type { ComputeTarget, FollowRequest, TimelineStatus, WalFile, WalListing } from './api.ts';
 import { readControl, writeControl, type ControlState } from './control.ts';
 import type { SafekeeperMetrics } from './metrics.ts';
-import { parseReplicationMessage, standbyStatusUpdate } from './protocol.ts';
-import { SegmentStore, type StoreHooks } from './store.ts';
+import { parseReplicationMessage, standbyStatusUpdateFrame } from './protocol.ts';
+import { SegmentStore, type StoreHooks, type SyncMethod } from './store.ts';
 
 const SEG = BigInt(WAL_SEGMENT_SIZE);
 /** Above this many bytes received but not yet flushed, stop reading from the compute. */
@@ -40,6 +40,7 @@ export interface TimelineDeps {
   storeHooks?: Pick<StoreHooks, 'beforeWrite'>;
   /** See {@link SegmentCompleteEvent}. */
   onSegmentComplete?(e: SegmentCompleteEvent): void;
+  syncMethod?: SyncMethod;
 }
 
 /**
@@ -144,7 +145,7 @@ export class Timeline {
           this.log.error('segment-complete hook failed', { err: err as Error });
         }
       },
-    });
+    }, deps.syncMethod);
     if (broken) this.lastError = broken.message;
   }
 
@@ -551,7 +552,8 @@ export class Timeline {
         lastStatus = Date.now();
         const flush = this.flushLsn;
         const write = this.writeLsn > flush ? this.writeLsn : flush;
-        con.sendCopyFromChunk(standbyStatusUpdate(write, flush, 0n));
+        const frame = standbyStatusUpdateFrame(write, flush, 0n);
+        if (con.stream?.writable) con.stream.write(frame);
       };
       this.sendStatus = sendStatus;
       const finish = (err: Error | null, value: { tli: number; startLsn: bigint } | null = null): void => {
@@ -699,7 +701,7 @@ interface ReplConnection {
   off(ev: string, fn: (...a: never[]) => void): void;
   sendCopyFromChunk(b: Buffer): void;
   endCopyFrom(): void;
-  stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void };
+  stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void; write(b: Buffer): boolean; writable: boolean };
 }
 
 function sameTarget(a: ComputeTarget, b: ComputeTarget): boolean {

@@ -179,12 +179,13 @@ export interface SafekeeperProcess {
 
 const TAP_TS_LOADER = process.execArgv.find((a) => a.includes('@tapjs/typescript'))?.replace(/^--import=/, '');
 
-export async function spawnSafekeeper(t: Teardown, id: string, dataDir: string, port = 0): Promise<SafekeeperProcess> {
+export async function spawnSafekeeper(t: Teardown, id: string, dataDir: string, port = 0, extraEnv: NodeJS.ProcessEnv = {}): Promise<SafekeeperProcess> {
   const loader = TAP_TS_LOADER ? ['--import', TAP_TS_LOADER] : ['--import', 'tsx'];
-  const child = spawn(process.execPath, [...loader, join(ROOT, 'safekeeper', 'main.ts')], {
+  const nodeArgs = process.env.SK_NODE_ARGS ? process.env.SK_NODE_ARGS.split(' ') : []; // e.g. --cpu-prof, for profiling
+  const child = spawn(process.execPath, [...nodeArgs, ...loader, join(ROOT, 'safekeeper', 'main.ts')], {
     cwd: ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: String(port), XENON_SAFEKEEPER_DATA_DIR: dataDir, XENON_LOG_LEVEL: process.env.SK_TEST_LOG ? 'debug' : 'warn' },
+    env: { ...process.env, ...extraEnv, XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: String(port), XENON_SAFEKEEPER_DATA_DIR: dataDir, XENON_LOG_LEVEL: process.env.SK_TEST_LOG ? 'debug' : 'warn' },
   });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => {

@@ -136,3 +136,18 @@ t.test('control file: atomic, 0600, validated', async (t) => {
     t.throws(() => parseControl(text, '/x/control.json'), { code: 'SK_CONTROL_FILE_CORRUPT', message: why }, `rejected: ${why}`);
   }
 });
+
+t.test('standby status update framing', async (t) => {
+  const { standbyStatusUpdate, standbyStatusUpdateFrame, parseReplicationMessage } = await import('../../safekeeper/protocol.ts');
+  const payload = standbyStatusUpdate(0x1234n, 0x1000n, 0n, true, 42n);
+  const frame = standbyStatusUpdateFrame(0x1234n, 0x1000n, 0n, true, 42n);
+  t.equal(frame[0], 0x64, 'CopyData');
+  t.equal(frame.readInt32BE(1), 4 + payload.length, 'length includes itself');
+  t.ok(frame.subarray(5).equals(payload), 'payload is the status update');
+  t.equal(payload.length, 34);
+  const w = Buffer.concat([Buffer.from('w'), Buffer.alloc(24), Buffer.from('abc')]);
+  w.writeBigUInt64BE(0x10n, 1);
+  t.match(parseReplicationMessage(w), { tag: 'w', dataStart: 0x10n });
+  t.throws(() => parseReplicationMessage(Buffer.from('x')), /unexpected replication message/);
+  t.throws(() => parseReplicationMessage(Buffer.from('w')), /too short/);
+});
