@@ -64,7 +64,7 @@ export class SegmentStore {
   constructor(
     readonly dir: string,
     private readonly hooks: StoreHooks = {},
-    readonly syncMethod: SyncMethod = 'fdatasync',
+    readonly syncMethod: SyncMethod = 'open_datasync_inline',
   ) {
     this.openFlags = fsConstants.O_RDWR | (syncMethod !== 'fdatasync' ? fsConstants.O_DSYNC : 0);
   }

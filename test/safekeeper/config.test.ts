@@ -10,7 +10,7 @@ t.test('defaults', async (t) => {
   t.equal(c.port, 7676);
   t.equal(c.host, '127.0.0.1');
   t.equal(c.dataDir, join(homedir(), '.xenon', 'safekeepers', 'sk1'));
-  t.equal(c.syncMethod, 'fdatasync');
+  t.equal(c.syncMethod, 'open_datasync_inline');
   t.equal(c.logLevel, 'info');
   t.ok(Object.isFrozen(c));
 });
