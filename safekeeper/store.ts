@@ -15,6 +15,7 @@ import { fsyncDir } from './control.ts';
 
 const SEG = BigInt(WAL_SEGMENT_SIZE);
 const XLOG_BLCKSZ = 8192;
+const PREALLOC_SUFFIX = '.prealloc';
 /** Reused zero buffer for pre-filling segments and zeroing truncated tails. */
 let zeroSegment: Buffer | undefined;
 const zeros = (): Buffer => (zeroSegment ??= Buffer.alloc(WAL_SEGMENT_SIZE));
@@ -53,6 +54,8 @@ interface OpenSegment {
 
 export class SegmentStore {
   private cur: OpenSegment | null = null;
+  /** The next segment, pre-filled in the background (`<name>.partial.prealloc`). */
+  private prealloc: { path: string; ready: Promise<boolean> } | null = null;
 
   private readonly openFlags: number;
 
@@ -89,7 +92,16 @@ export class SegmentStore {
       return this.cur;
     }
     const psz = await sizeOf(partial);
-    if (psz !== WAL_SEGMENT_SIZE) {
+    const pre = this.prealloc;
+    if (psz !== WAL_SEGMENT_SIZE && pre && pre.path === `${partial}${PREALLOC_SUFFIX}`) {
+      // Prepared in the background while the previous segment filled up: just rename it.
+      this.prealloc = null;
+      if (await pre.ready) {
+        await rename(pre.path, partial);
+        await fsyncDir(this.dir);
+      }
+    }
+    if ((await sizeOf(partial)) !== WAL_SEGMENT_SIZE) {
       // Pre-fill in a temporary file so a crash never leaves a short `.partial` behind.
       const tmp = `${partial}.tmp`;
       const fh = await open(tmp, 'w', 0o600);
@@ -148,6 +160,8 @@ export class SegmentStore {
       if (this.syncMethod !== 'fdatasync') this.hooks.onSync?.((performance.now() - t0) / 1000);
       else seg.dirty = true;
       this.hooks.onBytes?.(n);
+      // Past the middle of a segment: get the next one ready off the commit path.
+      if (Number(pos % SEG) > WAL_SEGMENT_SIZE / 2) this.preallocate(tli, segmentOf(piecesStart) + 1n);
       pieces = [];
     };
     for (let chunk of chunks) {
@@ -168,6 +182,36 @@ export class SegmentStore {
     return pos;
   }
 
+  /** Starts pre-filling segment `segno` of `tli` in the background (once). */
+  private preallocate(tli: number, segno: bigint): void {
+    const path = join(this.dir, `${segmentFileName(tli, segno)}.partial${PREALLOC_SUFFIX}`);
+    if (this.prealloc?.path === path) return;
+    const previous = this.prealloc;
+    const ready = (async (): Promise<boolean> => {
+      if (previous) await this.discardPrealloc(previous);
+      try {
+        if ((await sizeOf(path.slice(0, -PREALLOC_SUFFIX.length))) === WAL_SEGMENT_SIZE) return false; // exists already
+        const fh = await open(path, 'w', 0o600);
+        try {
+          await writeAll(fh, [zeros()], 0);
+          await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+        return true;
+      } catch {
+        await rm(path, { force: true }).catch(() => {});
+        return false;
+      }
+    })();
+    this.prealloc = { path, ready };
+  }
+
+  private async discardPrealloc(p: { path: string; ready: Promise<boolean> }): Promise<void> {
+    await p.ready.catch(() => false);
+    await rm(p.path, { force: true }).catch(() => {});
+  }
+
   /** fdatasync the segment being written (one per batch). */
   async sync(): Promise<void> {
     const c = this.cur;
@@ -177,8 +221,12 @@ export class SegmentStore {
     }
   }
 
+  /** Closes the open segment; a background pre-fill is finished and removed. */
   async close(): Promise<void> {
     await this.closeCurrent();
+    const p = this.prealloc;
+    this.prealloc = null;
+    if (p) await this.discardPrealloc(p);
   }
 
   /** The files held, sorted by name (segments then history files). */
@@ -291,7 +339,10 @@ export class SegmentStore {
    * again; later segments (of any timeline) and segments of newer timelines are removed.
    */
   async truncate(tli: number, lsn: bigint): Promise<void> {
-    await this.closeCurrent();
+    await this.close();
+    for (const name of await readdir(this.dir)) {
+      if (name.endsWith(PREALLOC_SUFFIX) || name.endsWith('.tmp')) await rm(join(this.dir, name), { force: true });
+    }
     const cut = segmentOf(lsn);
     for (const f of await this.list()) {
       if (f.kind !== 'segment') {

@@ -151,3 +151,28 @@ t.test('standby status update framing', async (t) => {
   t.throws(() => parseReplicationMessage(Buffer.from('x')), /unexpected replication message/);
   t.throws(() => parseReplicationMessage(Buffer.from('w')), /too short/);
 });
+
+t.test('the next segment is pre-filled in the background once the current one is half full', async (t) => {
+  const dir = tempDir(t, 'xenon-sk-prealloc-');
+  const store = new SegmentStore(dir);
+  const start = 4n * SEG;
+  await store.write(1, start, [walBytes(start, start + SEG / 2n + 100n)]);
+  await store.sync();
+  await waitUntil(() => existsSync(join(dir, '000000010000000000000005.partial.prealloc')) && statSync(join(dir, '000000010000000000000005.partial.prealloc')).size === WAL_SEGMENT_SIZE);
+  t.pass('000000010000000000000005.partial.prealloc prepared');
+  const listed = (await store.list()).map((f) => f.name);
+  t.same(listed, ['000000010000000000000004.partial'], 'not listed as WAL');
+  await store.write(1, start + SEG / 2n + 100n, [walBytes(start + SEG / 2n + 100n, start + SEG + 10n)]);
+  await store.sync();
+  t.same(readdirSync(dir).sort(), ['000000010000000000000004', '000000010000000000000005.partial'], 'used: renamed into place');
+  const next = readFileSync(join(dir, '000000010000000000000005.partial'));
+  t.ok(next.subarray(0, 10).equals(walBytes(start + SEG, start + SEG + 10n)) && next.subarray(10).every((x) => x === 0));
+  // Half-way through this one too, then closed (a timeline switch, a shutdown): the spare goes.
+  await store.write(1, start + SEG + 10n, [walBytes(start + SEG + 10n, start + SEG + SEG / 2n + 10n)]);
+  await store.close();
+  t.same(readdirSync(dir).sort(), ['000000010000000000000004', '000000010000000000000005.partial'], 'no spare left after close');
+});
+
+async function waitUntil(fn: () => boolean): Promise<void> {
+  for (let i = 0; i < 200 && !fn(); i++) await new Promise((r) => setTimeout(r, 25));
+}
