@@ -184,8 +184,9 @@ export async function spawnSafekeeper(t: Teardown, id: string, dataDir: string, 
   const nodeArgs = process.env.SK_NODE_ARGS ? process.env.SK_NODE_ARGS.split(' ') : []; // e.g. --cpu-prof, for profiling
   const child = spawn(process.execPath, [...nodeArgs, ...loader, join(ROOT, 'safekeeper', 'main.ts')], {
     cwd: ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, ...extraEnv, XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: String(port), XENON_SAFEKEEPER_DATA_DIR: dataDir, XENON_LOG_LEVEL: process.env.SK_TEST_LOG ? 'debug' : 'warn' },
+    // stdin open + XENON_EXIT_WITH_PARENT: the safekeeper stops if this test process dies.
+    stdio: ['pipe', 'pipe', 'pipe'],
+    env: { ...process.env, ...extraEnv, XENON_EXIT_WITH_PARENT: '1', XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: String(port), XENON_SAFEKEEPER_DATA_DIR: dataDir, XENON_LOG_LEVEL: process.env.SK_TEST_LOG ? 'debug' : 'warn' },
   });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => {
