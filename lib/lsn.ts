@@ -26,6 +26,12 @@ export function formatLsn(lsn: bigint): string {
 /** The segment number holding `lsn`. */
 export const segmentOf = (lsn: bigint): bigint => lsn / BigInt(WAL_SEGMENT_SIZE);
 export const segmentStart = (segno: bigint): bigint => segno * BigInt(WAL_SEGMENT_SIZE);
+/**
+ * The segment holding the byte just before `lsn` (Postgres' `XLByteToPrevSeg`): where WAL ending at
+ * `lsn` lies. `pg_walfile_name()` names this one, so for an LSN exactly at a segment start it
+ * names the previous segment.
+ */
+export const prevSegmentOf = (lsn: bigint): bigint => (lsn === 0n ? 0n : (lsn - 1n) / BigInt(WAL_SEGMENT_SIZE));
 
 const hex8 = (n: number | bigint): string => n.toString(16).toUpperCase().padStart(8, '0');
 

@@ -83,13 +83,20 @@ export interface WalListing {
  * Routes:
  * - `PUT    /v1/timeline/:timeline_id/compute` {@link FollowRequest} → {@link TimelineStatus}
  * - `DELETE /v1/timeline/:timeline_id/compute?generation=N` stop following (data kept) → status;
- *   a generation lower than the stored one → 409
+ *   a generation lower than the stored one → 409; a higher one is stored (fences older computes)
  * - `GET    /v1/timeline/:timeline_id` → {@link TimelineStatus} (404 when unknown)
  * - `GET    /v1/timelines` → `{ timelines: TimelineStatus[] }`
  * - `GET    /v1/timeline/:timeline_id/wal` → {@link WalListing}
  * - `GET    /v1/timeline/:timeline_id/wal/:file` → the bytes (`application/octet-stream`); HTTP
- *   `Range: bytes=a-b` is honoured (206); a segment may be asked for with or without `.partial`
- * - `DELETE /v1/timeline/:timeline_id` → removes the timeline's WAL and control file
+ *   `Range: bytes=a-b | a- | -n` is honoured (206, `Content-Range`; an end past the file is
+ *   clamped); a malformed or multi-range header, or a start past the end → 416
+ *   `SK_RANGE_NOT_SATISFIABLE`; a segment may be asked for with or without `.partial`. Of a
+ *   partial segment only the durable part is served: bytes past the flush LSN read as zeros.
+ *   Unknown or malformed file names → 404 `SK_WAL_NOT_FOUND`. Header `x-wal-file` names the file served.
+ * - `DELETE /v1/timeline/:timeline_id` → `{}`; removes the timeline's WAL and control file
+ *
+ * Malformed timeline ids → 400 `CP_BAD_REQUEST`; a timeline whose control file is corrupted
+ * answers status with `last_error` and PUT with 500 `SK_CONTROL_FILE_CORRUPT`.
  * - `/healthz`, `/metrics`
  */
 export interface SafekeeperApi {

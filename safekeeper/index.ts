@@ -16,7 +16,9 @@ import { parseLsn, parseSegmentFileName, WAL_SEGMENT_SIZE } from '../lib/lsn.ts'
 import type { ComputeTarget, FollowRequest, TimelineStatus } from './api.ts';
 import type { SafekeeperConfig } from './config.ts';
 import { createSafekeeperMetrics, type SafekeeperMetrics } from './metrics.ts';
-import { Timeline, type TimelineDeps } from './timeline.ts';
+import { Timeline, type SegmentCompleteEvent, type TimelineDeps } from './timeline.ts';
+
+export type { SegmentCompleteEvent } from './timeline.ts';
 
 export { loadSafekeeperConfig, type SafekeeperConfig } from './config.ts';
 
@@ -28,6 +30,8 @@ export interface SafekeeperDeps {
   registry?: Registry;
   /** Test hook: called before every WAL data write (throw to simulate a failing disk). */
   beforeWrite?: () => void;
+  /** Called when a segment becomes complete here (the future object-store offload plugs in here). */
+  onSegmentComplete?: (e: SegmentCompleteEvent) => void;
 }
 
 export interface SafekeeperHandle {
@@ -128,7 +132,14 @@ export async function startSafekeeper(config: SafekeeperConfig, deps: Safekeeper
   const metrics = createSafekeeperMetrics(registry, () =>
     [...timelines.values()].map((t) => ({ timelineId: t.id, flushLsn: () => t.flush, lagBytes: () => t.lagBytes(), streaming: () => t.streaming })),
   );
-  const tlDeps: TimelineDeps = { safekeeperId: config.id, logger: log, metrics, storeHooks: deps.beforeWrite ? { beforeWrite: deps.beforeWrite } : undefined };
+  const tlDeps: TimelineDeps = {
+    safekeeperId: config.id,
+    logger: log,
+    metrics,
+    storeHooks: deps.beforeWrite ? { beforeWrite: deps.beforeWrite } : undefined,
+    onSegmentComplete: deps.onSegmentComplete,
+    syncMethod: config.syncMethod,
+  };
 
   for (const name of (await readdir(timelinesDir)).sort()) {
     if (!TIMELINE_ID_RE.test(name)) continue;

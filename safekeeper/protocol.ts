@@ -64,3 +64,20 @@ export function standbyStatusUpdate(write: bigint, flush: bigint, apply: bigint,
   b[33] = replyRequested ? 1 : 0;
   return b;
 }
+
+/**
+ * The same update framed as a whole CopyData message (`d`, length, payload: 39 bytes), ready for
+ * the socket — one allocation per reply instead of pg's copy of a copy.
+ */
+export function standbyStatusUpdateFrame(write: bigint, flush: bigint, apply: bigint, replyRequested = false, now = pgNow()): Buffer {
+  const b = Buffer.allocUnsafe(39);
+  b[0] = 0x64; // d
+  b.writeInt32BE(38, 1);
+  b[5] = 0x72; // r
+  b.writeBigUInt64BE(write, 6);
+  b.writeBigUInt64BE(flush, 14);
+  b.writeBigUInt64BE(apply, 22);
+  b.writeBigInt64BE(now, 30);
+  b[38] = replyRequested ? 1 : 0;
+  return b;
+}

@@ -8,7 +8,7 @@
  * written/flushed now. The flush LSN only ever names bytes that were fdatasync'ed.
  */
 import { mkdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import pg from 'pg';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
@@ -16,8 +16,8 @@ import { formatLsn, historyFileName, parseLsn, segmentOf, segmentStart, WAL_SEGM
 import type { ComputeTarget, FollowRequest, TimelineStatus, WalFile, WalListing } from './api.ts';
 import { readControl, writeControl, type ControlState } from './control.ts';
 import type { SafekeeperMetrics } from './metrics.ts';
-import { parseReplicationMessage, standbyStatusUpdate } from './protocol.ts';
-import { SegmentStore, type StoreHooks } from './store.ts';
+import { parseReplicationMessage, standbyStatusUpdateFrame } from './protocol.ts';
+import { SegmentStore, type StoreHooks, type SyncMethod } from './store.ts';
 
 const SEG = BigInt(WAL_SEGMENT_SIZE);
 /** Above this many bytes received but not yet flushed, stop reading from the compute. */
@@ -38,6 +38,22 @@ export interface TimelineDeps {
   metrics: SafekeeperMetrics;
   /** Test hooks for the store (e.g. an injected write error). */
   storeHooks?: Pick<StoreHooks, 'beforeWrite'>;
+  /** See {@link SegmentCompleteEvent}. */
+  onSegmentComplete?(e: SegmentCompleteEvent): void;
+  syncMethod?: SyncMethod;
+}
+
+/**
+ * A WAL segment became complete on this safekeeper (fdatasync'ed, final name, directory synced).
+ * The hook for offloading segments to the object store (the pageserver issue): note that complete
+ * here means complete on *this* safekeeper; whether a quorum holds it is for the uploader to check.
+ */
+export interface SegmentCompleteEvent {
+  timelineId: string;
+  pgTimeline: number;
+  segno: bigint;
+  fileName: string;
+  path: string;
 }
 
 interface Pending {
@@ -50,7 +66,26 @@ interface Pending {
 interface Session {
   client: pg.Client | null;
   stopped: boolean;
+  /** Resolves when the session is stopped (to abandon waits such as a connect). */
+  stopSignal: Promise<void>;
+  stop(): void;
   fail(err: Error): void;
+}
+
+function newSession(): Session {
+  let signal!: () => void;
+  const stopSignal = new Promise<void>((r) => (signal = r));
+  const session: Session = {
+    client: null,
+    stopped: false,
+    stopSignal,
+    stop() {
+      session.stopped = true;
+      signal();
+    },
+    fail: () => {},
+  };
+  return session;
 }
 
 class StreamError extends Error {
@@ -103,7 +138,14 @@ export class Timeline {
       onSync: (s) => m.fsyncSeconds.observe(s),
       onBytes: (n) => m.bytesWritten.inc({ timeline_id: id }, n),
       beforeWrite: deps.storeHooks?.beforeWrite,
-    });
+      onComplete: (e) => {
+        try {
+          deps.onSegmentComplete?.({ timelineId: id, pgTimeline: e.tli, segno: e.segno, fileName: basename(e.path), path: e.path });
+        } catch (err) {
+          this.log.error('segment-complete hook failed', { err: err as Error });
+        }
+      },
+    }, deps.syncMethod);
     if (broken) this.lastError = broken.message;
   }
 
@@ -119,7 +161,14 @@ export class Timeline {
     }
     const tl = new Timeline(id, dir, state, null, deps);
     if (state.pgTimeline > 0) {
-      const end = await tl.store.recoverEnd(state.pgTimeline, state.flushLsn);
+      let end: bigint;
+      try {
+        end = await tl.store.recoverEnd(state.pgTimeline, state.flushLsn);
+      } catch (err) {
+        const xe = new XenonError('SK_UNAVAILABLE', `timeline ${id}: reading its WAL files failed: ${(err as Error).message}`, { cause: err });
+        deps.logger.error('timeline WAL files unreadable; not following', { timelineId: id, err: xe });
+        return new Timeline(id, dir, null, xe, deps);
+      }
       if (end !== state.flushLsn) tl.log.info('flush position recovered from the WAL files', { control: formatLsn(state.flushLsn), files: formatLsn(end) });
       tl.flushLsn = tl.writeLsn = end;
       if (end !== state.flushLsn) await tl.persist();
@@ -177,6 +226,7 @@ export class Timeline {
       s.compute = req.compute;
       await this.persist();
       await this.stopFollower();
+      this.computeLsn = null;
       if (req.startLsn !== undefined && req.startLsn < this.flushLsn) await this.truncateTo(req.startLsn);
       this.startFollower();
       return this.status();
@@ -277,9 +327,9 @@ export class Timeline {
     const s = this.state;
     let start = this.flushLsn;
     try {
-      const first = (await this.store.list()).find((f) => f.kind === 'segment');
-      if (first) start = segmentStart(first.segno!);
-    } catch { /* listing is best effort here */ }
+      const first = await this.store.oldestSegment();
+      if (first !== undefined) start = segmentStart(first);
+    } catch { /* best effort */ }
     return {
       timeline_id: this.id,
       safekeeper_id: this.deps.safekeeperId,
@@ -337,11 +387,16 @@ export class Timeline {
     const s = this.requireState();
     if (!s.compute || this.closed) return;
     const target = s.compute;
-    const session: Session = { client: null, stopped: false, fail: () => {} };
+    const session = newSession();
     this.session = session;
-    this.follower = this.followLoop(target, session).finally(() => {
-      if (this.session === session) this.session = null;
-    });
+    this.follower = this.followLoop(target, session)
+      .catch((err: Error) => {
+        this.lastError = `follower failed: ${err.message}`;
+        this.log.error('follower loop failed', { err });
+      })
+      .finally(() => {
+        if (this.session === session) this.session = null;
+      });
   }
 
   private async stopFollower(): Promise<void> {
@@ -349,9 +404,9 @@ export class Timeline {
     const follower = this.follower;
     this.follower = null;
     if (session) {
-      session.stopped = true;
-      session.client?.end().catch(() => {});
-      // end() waits for the server; make sure the socket goes now.
+      session.stop();
+      // Not client.end(): during a connect it makes pg never settle connect(). Dropping the
+      // socket ends a stream as well (the compute sees a disconnect).
       (session.client as unknown as { connection?: { stream?: { destroy(): void } } } | null)?.connection?.stream?.destroy();
     }
     if (follower) await follower.catch(() => {});
@@ -406,7 +461,11 @@ export class Timeline {
     let clientError: Error | null = null;
     client.on('error', (err) => { clientError ??= err; });
     try {
-      await client.connect();
+      const stopped = session.stopSignal.then(() => {
+        throw new StreamError('stopped');
+      });
+      stopped.catch(() => {});
+      await Promise.race([client.connect(), stopped]);
       if (session.stopped) return;
       const id = await client.query<string[]>({ text: 'IDENTIFY_SYSTEM', rowMode: 'array', types: RAW_TYPES });
       const row = id.rows[0];
@@ -493,7 +552,8 @@ export class Timeline {
         lastStatus = Date.now();
         const flush = this.flushLsn;
         const write = this.writeLsn > flush ? this.writeLsn : flush;
-        con.sendCopyFromChunk(standbyStatusUpdate(write, flush, 0n));
+        const frame = standbyStatusUpdateFrame(write, flush, 0n);
+        if (con.stream?.writable) con.stream.write(frame);
       };
       this.sendStatus = sendStatus;
       const finish = (err: Error | null, value: { tli: number; startLsn: bigint } | null = null): void => {
@@ -579,11 +639,17 @@ export class Timeline {
 
   private scheduleFlush(session: Session): void {
     if (this.flushing) return;
-    this.flushing = new Promise<void>((r) => setImmediate(r)).then(() => this.flushPending(session)).finally(() => {
-      this.flushing = null;
-      // Data that arrived during the last write of a loop that just ended.
-      if (this.pending.length > 0 && !session.stopped) this.scheduleFlush(session);
-    });
+    this.flushing = new Promise<void>((r) => setImmediate(r))
+      .then(() => this.flushPending(session))
+      .catch((err: Error) => {
+        this.log.error('flush failed', { err });
+        session.fail(err);
+      })
+      .finally(() => {
+        this.flushing = null;
+        // Data that arrived during the last write of a loop that just ended.
+        if (this.pending.length > 0 && !session.stopped) this.scheduleFlush(session);
+      });
   }
 
   private async flushPending(session: Session): Promise<void> {
@@ -635,7 +701,7 @@ interface ReplConnection {
   off(ev: string, fn: (...a: never[]) => void): void;
   sendCopyFromChunk(b: Buffer): void;
   endCopyFrom(): void;
-  stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void };
+  stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void; write(b: Buffer): boolean; writable: boolean };
 }
 
 function sameTarget(a: ComputeTarget, b: ComputeTarget): boolean {

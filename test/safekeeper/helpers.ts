@@ -12,7 +12,7 @@ import pg from 'pg';
 import { silentLogger } from '../../lib/logger.ts';
 import { formatLsn, parseLsn, parseSegmentFileName, segmentStart, WAL_SEGMENT_SIZE } from '../../lib/lsn.ts';
 import type { ComputeTarget } from '../../safekeeper/api.ts';
-import { loadSafekeeperConfig, startSafekeeper, type SafekeeperHandle } from '../../safekeeper/index.ts';
+import { loadSafekeeperConfig, startSafekeeper, type SafekeeperDeps, type SafekeeperHandle } from '../../safekeeper/index.ts';
 import type { TestPostgres } from '../helpers/postgres.ts';
 
 export const ROOT = resolve(import.meta.dirname, '..', '..');
@@ -34,7 +34,7 @@ export function computeOf(pgc: { port: number }): ComputeTarget {
 }
 
 /** An in-process safekeeper on a free port; closed at teardown (unless closed before). */
-export async function startTestSafekeeper(t: Teardown, id: string, dataDir: string, extra: { beforeWrite?: () => void } = {}): Promise<SafekeeperHandle> {
+export async function startTestSafekeeper(t: Teardown, id: string, dataDir: string, extra: Omit<SafekeeperDeps, 'logger'> = {}): Promise<SafekeeperHandle> {
   const config = loadSafekeeperConfig({ XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: '0', XENON_SAFEKEEPER_DATA_DIR: dataDir }, []);
   const sk = await startSafekeeper(config, { logger: process.env.SK_TEST_LOG ? (await import('../../lib/logger.ts')).createLogger({ level: 'debug' }).child({ sk: id }) : silentLogger, ...extra });
   t.teardown(() => sk.close());
@@ -97,7 +97,7 @@ export async function startReceivewal(t: Teardown, pgc: { port: number; admin():
   const conn = `host=127.0.0.1 port=${pgc.port} user=admin password=admin-pw application_name=${slot}`;
   mkdirSync(dir, { recursive: true });
   await runTool(join(PG_BIN, 'pg_receivewal'), ['--create-slot', '--if-not-exists', '--slot', slot, '-d', conn]);
-  const child = spawn(join(PG_BIN, 'pg_receivewal'), ['-D', dir, '--slot', slot, '--synchronous', '--no-loop', '-d', conn], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(join(PG_BIN, 'pg_receivewal'), ['-D', dir, '--slot', slot, '--synchronous', '--no-loop', '--status-interval=1', '-d', conn], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err = (err + d.toString()).slice(-4000)));
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
@@ -179,12 +179,14 @@ export interface SafekeeperProcess {
 
 const TAP_TS_LOADER = process.execArgv.find((a) => a.includes('@tapjs/typescript'))?.replace(/^--import=/, '');
 
-export async function spawnSafekeeper(t: Teardown, id: string, dataDir: string, port = 0): Promise<SafekeeperProcess> {
+export async function spawnSafekeeper(t: Teardown, id: string, dataDir: string, port = 0, extraEnv: NodeJS.ProcessEnv = {}): Promise<SafekeeperProcess> {
   const loader = TAP_TS_LOADER ? ['--import', TAP_TS_LOADER] : ['--import', 'tsx'];
-  const child = spawn(process.execPath, [...loader, join(ROOT, 'safekeeper', 'main.ts')], {
+  const nodeArgs = process.env.SK_NODE_ARGS ? process.env.SK_NODE_ARGS.split(' ') : []; // e.g. --cpu-prof, for profiling
+  const child = spawn(process.execPath, [...nodeArgs, ...loader, join(ROOT, 'safekeeper', 'main.ts')], {
     cwd: ROOT,
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: String(port), XENON_SAFEKEEPER_DATA_DIR: dataDir, XENON_LOG_LEVEL: process.env.SK_TEST_LOG ? 'debug' : 'warn' },
+    // stdin open + XENON_EXIT_WITH_PARENT: the safekeeper stops if this test process dies.
+    stdio: ['pipe', 'pipe', 'pipe'],
+    env: { ...process.env, ...extraEnv, XENON_EXIT_WITH_PARENT: '1', XENON_SAFEKEEPER_ID: id, XENON_SAFEKEEPER_PORT: String(port), XENON_SAFEKEEPER_DATA_DIR: dataDir, XENON_LOG_LEVEL: process.env.SK_TEST_LOG ? 'debug' : 'warn' },
   });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => {
