@@ -31,6 +31,12 @@ export interface FollowRequest {
    * past it (never acknowledged to a client) is cut off. Omitted: nothing is truncated.
    */
   start_lsn?: string;
+  /**
+   * Base URLs of the other safekeepers of this timeline. A safekeeper that fell so far behind
+   * that the compute no longer has the WAL it needs fetches the gap from a peer of the same
+   * generation instead.
+   */
+  peers?: string[];
 }
 
 /** `GET /v1/timeline/:timeline_id` (also the answer to PUT/DELETE …/compute). */

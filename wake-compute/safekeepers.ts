@@ -6,7 +6,7 @@
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { formatLsn, parseLsn } from '../lib/lsn.ts';
-import type { ComputeTarget, TimelineStatus } from '../safekeeper/api.ts';
+import type { ComputeTarget, FollowRequest, TimelineStatus } from '../safekeeper/api.ts';
 import { SafekeeperClient } from '../safekeeper/client.ts';
 import type { SafekeeperRef } from './config.ts';
 
@@ -103,13 +103,13 @@ export class SafekeeperSet {
    */
   async follow(timelineId: string, generation: number, compute: ComputeTarget, startLsn: string, timeoutMs = 10_000): Promise<void> {
     this.current.set(timelineId, generation);
-    const req = { generation, compute, start_lsn: startLsn };
+    const reqFor = (m: Member): FollowRequest => ({ generation, compute, start_lsn: startLsn, peers: this.members.filter((p) => p !== m).map((p) => p.url) });
     let accepted = 0;
     const progress = { errors: '', done: false };
     let onQuorum!: () => void;
     const quorum = new Promise<void>((r) => (onQuorum = r));
     const attempt = (m: Member, delay: number): void => {
-      m.client.follow(timelineId, req).then(
+      m.client.follow(timelineId, reqFor(m)).then(
         () => { if (++accepted === this.quorum) onQuorum(); },
         (err: Error) => {
           if (err instanceof XenonError && err.code === 'SK_GENERATION_FENCED') {
