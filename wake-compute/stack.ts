@@ -93,11 +93,16 @@ export interface ServiceProcess {
  * (JSON logs) goes to `<logDir>/<name>.log`, and to our stderr when `echo` is set.
  */
 /** `readyAs`: the service name in its ready line, when it differs from `name` (the log file's). */
-export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean, readyAs = name): Promise<ServiceProcess> {
+/**
+ * `detached`: its own process group, so a Ctrl-C on the terminal does not reach it (the stack
+ * stops it after the services that need it).
+ */
+export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean, readyAs = name, detached = false): Promise<ServiceProcess> {
   return new Promise((resolvePromise, reject) => {
     const child = spawn(process.execPath, ['--import', tsLoader(env), join(ROOT, mainPath)], {
       env: { ...env, XENON_EXIT_WITH_PARENT: '1' },
       stdio: ['pipe', 'pipe', 'pipe'],
+      detached,
     });
     const log = createWriteStream(join(logDir, `${name}.log`), { flags: 'a' });
     log.on('error', () => {});
@@ -282,7 +287,7 @@ async function startSafekeepers(stateDir: string, env: Env, baseEnv: NodeJS.Proc
         XENON_SAFEKEEPER_ID: id,
         XENON_SAFEKEEPER_PORT: String(port),
         XENON_SAFEKEEPER_DATA_DIR: dataDir,
-      }, logDir, o.echoLogs, 'safekeeper');
+      }, logDir, o.echoLogs, 'safekeeper', true);
       port = new URL(String(svc.ready.url)).port ? Number(new URL(String(svc.ready.url)).port) : port;
       current[i] = { id, url: String(svc.ready.url), pid: svc.child.pid, data_dir: dataDir };
       await writeList();
