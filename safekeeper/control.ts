@@ -31,6 +31,11 @@ export interface ControlState {
   flushLsn: bigint;
   /** Earlier Postgres timelines and where they ended, oldest first. */
   history: TimelineSwitch[];
+  /**
+   * Base URLs of the other safekeepers of this timeline (from the last follow request that named
+   * them), asked for WAL the compute no longer has. Optional: older control files have none.
+   */
+  peers?: string[];
 }
 
 interface ControlJson {
@@ -42,6 +47,7 @@ interface ControlJson {
   pg_timeline: number;
   flush_lsn: string;
   history: { tli: number; switch_lsn: string }[];
+  peers?: string[];
 }
 
 export function serializeControl(s: ControlState): string {
@@ -55,6 +61,7 @@ export function serializeControl(s: ControlState): string {
     flush_lsn: formatLsn(s.flushLsn),
     history: s.history.map((h) => ({ tli: h.tli, switch_lsn: formatLsn(h.switchLsn) })),
   };
+  if (s.peers !== undefined) j.peers = s.peers;
   return JSON.stringify(j, null, 2) + '\n';
 }
 
@@ -82,6 +89,9 @@ export function parseControl(text: string, path: string): ControlState {
   if (c !== null && (typeof c !== 'object' || c === undefined || typeof c.host !== 'string' || !isInt(c.port, 1, 65535) || typeof c.user !== 'string' || typeof c.password !== 'string')) {
     throw corrupt(path, 'compute invalid');
   }
+  if (j.peers !== undefined && (!Array.isArray(j.peers) || j.peers.length > 64 || !j.peers.every((u) => typeof u === 'string' && u.length <= 2048))) {
+    throw corrupt(path, 'peers invalid');
+  }
   let flushLsn: bigint;
   let history: TimelineSwitch[];
   try {
@@ -102,6 +112,7 @@ export function parseControl(text: string, path: string): ControlState {
     pgTimeline: j.pg_timeline,
     flushLsn,
     history,
+    ...(j.peers !== undefined ? { peers: [...j.peers] } : {}),
   };
 }
 

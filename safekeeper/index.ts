@@ -80,7 +80,23 @@ export function parseFollowRequest(body: unknown): FollowRequest & { startLsn?: 
       throw badRequest('start_lsn must be an LSN like "0/16B3748"');
     }
   }
-  return { generation, compute, start_lsn: b.start_lsn as string | undefined, startLsn };
+  let peers: string[] | undefined;
+  if (b.peers !== undefined && b.peers !== null) {
+    const bad = (): XenonError => badRequest('peers must be a list of at most 64 http(s) base URLs');
+    if (!Array.isArray(b.peers) || b.peers.length > 64) throw bad();
+    peers = b.peers.map((u: unknown) => {
+      if (typeof u !== 'string' || u.length > 2048) throw bad();
+      let url: URL;
+      try {
+        url = new URL(u);
+      } catch {
+        throw bad();
+      }
+      if (url.protocol !== 'http:' && url.protocol !== 'https:') throw bad();
+      return u.replace(/\/+$/, '');
+    });
+  }
+  return { generation, compute, start_lsn: b.start_lsn as string | undefined, startLsn, ...(peers ? { peers } : {}) };
 }
 
 /** `Range: bytes=a-b | a- | -n` against a file of `size` bytes; one range only. */

@@ -63,6 +63,12 @@ export function createSafekeeperMetrics(registry: Registry, timelines: () => Ite
       labelNames: ['timeline_id'],
       registers: [registry],
     }),
+    peerRecoveredBytes: new Counter({
+      name: 'xenon_safekeeper_peer_recovered_bytes_total',
+      help: 'Bytes of WAL fetched from peer safekeepers because the compute no longer had them',
+      labelNames: ['timeline_id'],
+      registers: [registry],
+    }),
     reconnects: new Counter({
       name: 'xenon_safekeeper_reconnects_total',
       help: 'Replication connections to a compute started again after a failure or end',

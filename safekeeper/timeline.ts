@@ -12,8 +12,9 @@ import { basename, join } from 'node:path';
 import pg from 'pg';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
-import { formatLsn, historyFileName, parseLsn, segmentOf, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
+import { formatLsn, historyFileName, parseLsn, segmentFileName, segmentOf, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
 import type { ComputeTarget, FollowRequest, TimelineStatus, WalFile, WalListing } from './api.ts';
+import { SafekeeperClient } from './client.ts';
 import { readControl, writeControl, type ControlState } from './control.ts';
 import type { SafekeeperMetrics } from './metrics.ts';
 import { parseReplicationMessage, standbyStatusUpdateFrame } from './protocol.ts';
@@ -90,6 +91,26 @@ function newSession(): Session {
 
 class StreamError extends Error {
   override name = 'StreamError';
+}
+
+/** The compute no longer has the WAL at our flush LSN (or our slot was invalidated): ask peers. */
+class WalGoneError extends StreamError {
+  override name = 'WalGoneError';
+}
+
+/** WAL fetched from a peer per HTTP request. */
+const PEER_CHUNK = 4 * 1024 * 1024;
+const PEER_TIMEOUT_MS = 10_000;
+const XLOG_BLCKSZ = 8192;
+const XLP_HEADER_MIN = 16;
+
+/** Whether a START_REPLICATION error means the compute cannot give us the WAL we need. */
+function walGoneReason(err: unknown): 'removed' | 'slot' | null {
+  const code = (err as { code?: string }).code;
+  const msg = (err as Error).message ?? '';
+  if (code === '58P01' || /has already been removed/.test(msg)) return 'removed';
+  if (code === '55000' && /invalidated|can no longer get changes/.test(msg)) return 'slot';
+  return null;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -176,9 +197,9 @@ export class Timeline {
     return tl;
   }
 
-  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget }, deps: TimelineDeps): Promise<Timeline> {
+  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget; peers?: string[] }, deps: TimelineDeps): Promise<Timeline> {
     await mkdir(join(dir, 'wal'), { recursive: true, mode: 0o700 });
-    const state: ControlState = { timelineId: id, generation: req.generation, compute: req.compute, systemId: null, pgTimeline: 0, flushLsn: 0n, history: [] };
+    const state: ControlState = { timelineId: id, generation: req.generation, compute: req.compute, systemId: null, pgTimeline: 0, flushLsn: 0n, history: [], ...(req.peers ? { peers: req.peers } : {}) };
     await writeControl(dir, state);
     return new Timeline(id, dir, state, null, deps);
   }
@@ -212,10 +233,14 @@ export class Timeline {
       }
       if (req.generation === s.generation) {
         const same = s.compute && sameTarget(s.compute, req.compute);
+        const peersChanged = req.peers !== undefined && !samePeers(s.peers, req.peers);
+        if (peersChanged) s.peers = req.peers;
         if (!same) {
           s.compute = req.compute;
           await this.persist();
           await this.stopFollower();
+        } else if (peersChanged) {
+          await this.persist();
         }
         if (!this.follower) this.startFollower();
         return this.status();
@@ -224,6 +249,7 @@ export class Timeline {
       this.log.info('new compute generation', { from: s.generation, to: req.generation, startLsn: req.startLsn === undefined ? undefined : formatLsn(req.startLsn) });
       s.generation = req.generation;
       s.compute = req.compute;
+      if (req.peers !== undefined) s.peers = req.peers;
       await this.persist();
       await this.stopFollower();
       this.computeLsn = null;
@@ -424,7 +450,17 @@ export class Timeline {
         this.lastError = null;
       } catch (err) {
         if (session.stopped) break;
-        const msg = (err as Error).message;
+        let msg = (err as Error).message;
+        if (err instanceof WalGoneError) {
+          try {
+            await this.recoverFromPeers(session, msg);
+            this.lastError = null;
+            continue; // progress: connect again at once, from the new flush LSN
+          } catch (rerr) {
+            msg = (rerr as Error).message;
+          }
+        }
+        if (session.stopped) break;
         if (this.lastError !== msg) this.log.warn('replication stream failed', { err: err as Error, host: target.host, port: target.port });
         this.lastError = msg;
       } finally {
@@ -476,16 +512,19 @@ export class Timeline {
       }
       let serverTli = Number(tliText);
       const xlogpos = parseLsn(xlogposText);
+      // Generation fencing at the compute: a compute started by the control plane carries
+      // `xenon.generation`; one of another generation (an old compute still running at this
+      // address, or a new one we have not been told about yet) is refused before anything is
+      // written or a slot is created. Computes started without the setting are accepted.
+      const computeGeneration = await this.computeGeneration(client);
+      if (computeGeneration !== null && computeGeneration !== s.generation) {
+        throw new StreamError(`compute runs generation ${computeGeneration}, this timeline follows generation ${s.generation} (${target.host}:${target.port}); refusing its WAL`);
+      }
       if (s.systemId === null) {
         s.systemId = systemId;
         await this.persist();
       }
-      try {
-        await client.query(`CREATE_REPLICATION_SLOT ${slot} PHYSICAL RESERVE_WAL`);
-        this.log.info('created replication slot', { slot });
-      } catch (err) {
-        if ((err as { code?: string }).code !== '42710') throw err;
-      }
+      await this.ensureSlot(client, slot);
       if (s.pgTimeline === 0) {
         // A new timeline: begin at the start of the segment holding the compute's WAL position.
         s.pgTimeline = serverTli;
@@ -497,7 +536,15 @@ export class Timeline {
           throw new StreamError(`compute is on Postgres timeline ${serverTli}, older than this safekeeper's ${s.pgTimeline}`);
         }
         if (s.pgTimeline > 1 && !(await this.store.hasHistory(s.pgTimeline))) await this.fetchHistory(client, s.pgTimeline);
-        const next = await this.streamTimeline(client, session, s.pgTimeline, this.flushLsn);
+        let next: { tli: number; startLsn: bigint } | null;
+        try {
+          next = await this.streamTimeline(client, session, s.pgTimeline, this.flushLsn);
+        } catch (err) {
+          const gone = session.stopped ? null : walGoneReason(err);
+          if (!gone) throw err;
+          if (gone === 'slot') this.recreateSlot = true;
+          throw new WalGoneError(`the compute no longer has the WAL at ${formatLsn(this.flushLsn)} on timeline ${s.pgTimeline}: ${(err as Error).message}`);
+        }
         if (!next) return;
         await this.switchTimeline(client, next.tli, next.startLsn);
         if (next.tli > serverTli) serverTli = next.tli;
@@ -508,6 +555,121 @@ export class Timeline {
       client.end().catch(() => {});
       void clientError;
     }
+  }
+
+  /** `SHOW xenon.generation`: null when the compute has no such setting (or it is empty). */
+  private async computeGeneration(client: pg.Client): Promise<number | null> {
+    let res: pg.QueryResult<string[]>;
+    try {
+      res = await client.query<string[]>({ text: 'SHOW xenon.generation', rowMode: 'array', types: RAW_TYPES });
+    } catch (err) {
+      if ((err as { code?: string }).code === '42704') return null; // unrecognized configuration parameter
+      throw err;
+    }
+    const v = res.rows[0]?.[0];
+    if (v === undefined || v === null || v.trim() === '') return null;
+    if (!/^\d{1,15}$/.test(v.trim())) throw new StreamError(`compute reports an invalid xenon.generation ${JSON.stringify(v.slice(0, 40))}; refusing its WAL`);
+    return Number(v.trim());
+  }
+
+  /** Set when the compute said our slot was invalidated: drop and recreate it at the next connection. */
+  private recreateSlot = false;
+
+  /**
+   * Our physical slot on the compute, reserving WAL. A slot that no longer reserves any
+   * (`max_slot_wal_keep_size` exceeded: PG 15 sets its restart_lsn to NULL) is dropped and created
+   * again — it would not keep the WAL we are about to stream.
+   */
+  private async ensureSlot(client: pg.Client, slot: string): Promise<void> {
+    try {
+      await client.query(`CREATE_REPLICATION_SLOT ${slot} PHYSICAL RESERVE_WAL`);
+      this.log.info('created replication slot', { slot });
+      this.recreateSlot = false;
+      return;
+    } catch (err) {
+      if ((err as { code?: string }).code !== '42710') throw err;
+    }
+    let invalid = this.recreateSlot;
+    if (!invalid) {
+      const res = await client.query<(string | null)[]>({ text: `READ_REPLICATION_SLOT ${slot}`, rowMode: 'array', types: RAW_TYPES });
+      const row = res.rows[0];
+      invalid = row !== undefined && row[0] === 'physical' && row[1] === null;
+    }
+    if (!invalid) return;
+    this.log.warn('replication slot on the compute no longer reserves WAL (invalidated); recreating it', { slot });
+    await client.query(`DROP_REPLICATION_SLOT ${slot}`);
+    await client.query(`CREATE_REPLICATION_SLOT ${slot} PHYSICAL RESERVE_WAL`);
+    this.recreateSlot = false;
+  }
+
+  /**
+   * Fetches the WAL the compute no longer has from a peer safekeeper of the same generation,
+   * system and Postgres timeline whose flush LSN is beyond ours: from our flush LSN up to the
+   * peer's, written into the store exactly as streamed WAL is (same files, sync, control file).
+   * Returns the bytes recovered; throws (naming every peer's reason) when no peer could help.
+   */
+  private async recoverFromPeers(session: Session, reason: string): Promise<number> {
+    const s = this.requireState();
+    const peers = s.peers ?? [];
+    if (peers.length === 0) throw new StreamError(`${reason}; no peer safekeepers known to recover it from`);
+    await this.drainFlush();
+    const why: string[] = [];
+    const candidates: { url: string; client: SafekeeperClient; flush: bigint }[] = [];
+    for (const url of peers) {
+      const client = new SafekeeperClient(url, { timeoutMs: PEER_TIMEOUT_MS });
+      let st;
+      try {
+        st = await client.status(this.id);
+      } catch (err) {
+        why.push(`${url}: unreachable (${(err as Error).message})`);
+        continue;
+      }
+      if (!st) { why.push(`${url}: does not hold this timeline`); continue; }
+      if (st.generation !== s.generation) { why.push(`${url}: follows generation ${st.generation}, this one ${s.generation}`); continue; }
+      if (st.system_id !== s.systemId) { why.push(`${url}: system id ${st.system_id}, this one ${s.systemId}`); continue; }
+      if (st.pg_timeline !== s.pgTimeline) { why.push(`${url}: on Postgres timeline ${st.pg_timeline}, this one on ${s.pgTimeline}`); continue; }
+      const flush = parseLsn(st.flush_lsn);
+      if (flush <= this.flushLsn) { why.push(`${url}: flush LSN ${st.flush_lsn} not beyond ${formatLsn(this.flushLsn)}`); continue; }
+      if (parseLsn(st.start_lsn) > this.flushLsn) { why.push(`${url}: holds WAL only from ${st.start_lsn}`); continue; }
+      candidates.push({ url, client, flush });
+    }
+    candidates.sort((a, b) => (a.flush > b.flush ? -1 : a.flush < b.flush ? 1 : 0));
+    const tli = s.pgTimeline;
+    let total = 0;
+    for (const c of candidates) {
+      if (session.stopped || this.flushLsn >= c.flush) break;
+      const from = this.flushLsn;
+      this.log.info('recovering WAL from a peer safekeeper', { peer: c.url, from: formatLsn(from), to: formatLsn(c.flush), reason });
+      try {
+        while (this.flushLsn < c.flush && !session.stopped) {
+          const pos = this.flushLsn;
+          const segno = segmentOf(pos);
+          const base = segmentStart(segno);
+          let end = base + SEG;
+          if (end > c.flush) end = c.flush;
+          if (end - pos > BigInt(PEER_CHUNK)) end = pos + BigInt(PEER_CHUNK);
+          const buf = await c.client.readWal(this.id, segmentFileName(tli, segno), { start: Number(pos - base), end: Number(end - base) });
+          if (buf.length !== Number(end - pos)) throw new Error(`${segmentFileName(tli, segno)}: got ${buf.length} bytes, asked for ${end - pos}`);
+          checkPageHeaders(buf, pos);
+          const written = await this.store.write(tli, pos, [buf]);
+          this.writeLsn = written;
+          await this.store.sync();
+          this.flushLsn = written;
+          this.deps.metrics.peerRecoveredBytes.inc({ timeline_id: this.id }, buf.length);
+          total += buf.length;
+          if (written % SEG === 0n) await this.persist();
+        }
+      } catch (err) {
+        this.writeLsn = this.flushLsn;
+        await this.store.close().catch(() => {});
+        why.push(`${c.url}: fetching WAL failed at ${formatLsn(this.flushLsn)} (${(err as Error).message})`);
+        this.log.warn('recovering WAL from a peer failed', { peer: c.url, err: err as Error });
+      }
+      await this.persist();
+      if (this.flushLsn > from) this.log.info('recovered WAL from a peer safekeeper', { peer: c.url, from: formatLsn(from), to: formatLsn(this.flushLsn), bytes: Number(this.flushLsn - from) });
+    }
+    if (total === 0) throw new StreamError(`${reason}; no peer could supply it: ${why.join('; ') || 'none usable'}`);
+    return total;
   }
 
   private async fetchHistory(client: pg.Client, tli: number): Promise<void> {
@@ -696,12 +858,27 @@ export class Timeline {
   }
 }
 
+/** A page header that is there must carry its own address (guards against a peer serving wrong bytes). */
+function checkPageHeaders(buf: Buffer, start: bigint): void {
+  const first = Number((BigInt(XLOG_BLCKSZ) - (start % BigInt(XLOG_BLCKSZ))) % BigInt(XLOG_BLCKSZ));
+  for (let off = first; off + XLP_HEADER_MIN <= buf.length; off += XLOG_BLCKSZ) {
+    if (buf.readUInt16LE(off) === 0) continue;
+    const addr = buf.readBigUInt64LE(off + 8);
+    const want = start + BigInt(off);
+    if (addr !== want) throw new Error(`page at ${formatLsn(want)} carries address ${formatLsn(addr)}`);
+  }
+}
+
 interface ReplConnection {
   on(ev: string, fn: (...a: never[]) => void): void;
   off(ev: string, fn: (...a: never[]) => void): void;
   sendCopyFromChunk(b: Buffer): void;
   endCopyFrom(): void;
   stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void; write(b: Buffer): boolean; writable: boolean };
+}
+
+function samePeers(a: string[] | undefined, b: string[]): boolean {
+  return a !== undefined && a.length === b.length && a.every((u, i) => u === b[i]);
 }
 
 function sameTarget(a: ComputeTarget, b: ComputeTarget): boolean {
