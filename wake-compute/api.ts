@@ -17,6 +17,7 @@
  *   DELETE /v1/endpoints/:endpoint                        → { endpoint: Endpoint }
  *   POST   /v1/endpoints/:endpoint/(start|suspend|stop)   → { endpoint: Endpoint }
  *   GET    /v1/endpoints/:endpoint/events                 → { events: LifecycleEvent[] }
+ *   GET    /v1/endpoints/:endpoint/wal                    → WalStatus (the branch's WAL on the safekeepers)
  *   GET    /v1/projects/:project/branches/:branch/roles   → { roles: Role[] }
  *   POST   /v1/projects/:project/branches/:branch/roles  CreateRoleRequest → { role: Role, password? }
  *   POST   /v1/projects/:project/branches/:branch/roles/:role/reset_password → { role, password }
@@ -71,6 +72,28 @@ export interface Endpoint {
   connections: number;
   last_active_at: string | null;
   created_at: string;
+}
+
+/** Where the WAL of an endpoint's branch stands on each safekeeper. */
+export interface WalStatus {
+  /** The branch id (the safekeepers' timeline id). */
+  timeline_id: string;
+  /** The compute generation of the latest start (0: never started with safekeepers). */
+  generation: number;
+  /** Safekeepers that must flush a commit before it is acknowledged (0: none configured). */
+  quorum: number;
+  safekeepers: {
+    id: string;
+    url: string;
+    /** false: it did not answer (then only `error` is set). */
+    reachable: boolean;
+    flush_lsn?: string;
+    generation?: number;
+    streaming?: boolean;
+    lag_bytes?: number;
+    last_error?: string | null;
+    error?: string;
+  }[];
 }
 
 export interface Role {

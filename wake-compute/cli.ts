@@ -156,6 +156,16 @@ async function main(): Promise<void> {
       }
       if (!id) break;
       if (sub === 'get') { process.stdout.write(JSON.stringify((await c.getEndpoint(id)).endpoint, null, 2) + '\n'); return; }
+      if (sub === 'wal') {
+        const w = await c.endpointWal(id);
+        process.stdout.write(`timeline ${w.timeline_id}, generation ${w.generation}, quorum ${w.quorum} of ${w.safekeepers.length}\n`);
+        for (const k of w.safekeepers) {
+          process.stdout.write(k.reachable
+            ? `${k.id}\t${k.url}\tflush ${k.flush_lsn}\tgeneration ${k.generation}\t${k.streaming ? 'streaming' : 'not streaming'}\tlag ${k.lag_bytes} B${k.last_error ? `\t${k.last_error}` : ''}\n`
+            : `${k.id}\t${k.url}\tunreachable: ${k.error}\n`);
+        }
+        return;
+      }
       if (sub === 'start' || sub === 'suspend' || sub === 'stop') {
         const e = (await c.endpointAction(id, sub)).endpoint;
         process.stdout.write(`${e.id} ${e.state}\n`);
@@ -181,6 +191,7 @@ const USAGE = `usage: xenon <command>
   project create [--name N]          create a project (branch main, endpoint, role, database)
   endpoint list [--project P]        list endpoints
   endpoint get|start|suspend|stop <endpoint>
+  endpoint wal <endpoint>            where the endpoint's WAL stands on each safekeeper
 State: $XENON_STATE_DIR (default ~/.xenon).
 `;
 

@@ -64,6 +64,9 @@ export class ControlPlaneClient implements api.ControlPlaneApi {
   endpointAction(id: string, action: 'start' | 'suspend' | 'stop'): Promise<{ endpoint: api.Endpoint }> {
     return this.call('POST', `/v1/endpoints/${encodeURIComponent(id)}/${action}`, {}, 120_000);
   }
+  endpointWal(id: string): Promise<api.WalStatus> {
+    return this.call('GET', `/v1/endpoints/${encodeURIComponent(id)}/wal`);
+  }
   endpointEvents(id: string): Promise<{ events: api.LifecycleEvent[] }> {
     return this.call('GET', `/v1/endpoints/${encodeURIComponent(id)}/events`);
   }

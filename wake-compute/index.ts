@@ -23,6 +23,7 @@ import {
   type CreateRoleRequest,
   type EndpointAccess,
   type UpdateEndpointRequest,
+  type WalStatus,
 } from './api.ts';
 import { computeLogDir, type ControlPlaneConfig } from './config.ts';
 import { newBranchId, newEndpointId, newProjectId } from './ids.ts';
@@ -331,6 +332,16 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     return { endpoint: epOut(await store.getEndpoint(params.endpoint!)) };
   });
   r.get('/v1/endpoints/:endpoint/events', async ({ params }) => ({ events: await store.listEvents(params.endpoint!) }));
+  r.get('/v1/endpoints/:endpoint/wal', async ({ params }): Promise<WalStatus> => {
+    const row = await store.getEndpoint(params.endpoint!);
+    const branch = await store.branchById(row.branch_id);
+    return {
+      timeline_id: branch.id,
+      generation: Number(branch.generation),
+      quorum: safekeepers.enabled ? safekeepers.quorum : 0,
+      safekeepers: await safekeepers.report(branch.id),
+    };
+  });
 
   // ---- roles
   const branchOf = (p: Record<string, string>) => store.getBranchRow(p.project!, p.branch!);

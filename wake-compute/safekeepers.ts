@@ -8,6 +8,7 @@ import type { Logger } from '../lib/logger.ts';
 import { formatLsn, parseLsn } from '../lib/lsn.ts';
 import type { ComputeTarget, FollowRequest, TimelineStatus } from '../safekeeper/api.ts';
 import { SafekeeperClient } from '../safekeeper/client.ts';
+import type { WalStatus } from './api.ts';
 import type { SafekeeperRef } from './config.ts';
 
 interface Member extends SafekeeperRef {
@@ -187,6 +188,18 @@ export class SafekeeperSet {
       if (!(err instanceof XenonError && err.code === 'SK_GENERATION_FENCED')) this.logger.warn('safekeeper did not stop following', { safekeeper: m.id, timelineId, err: err.message });
     })));
     return { flushed, quorum: flushed >= this.quorum };
+  }
+
+  /** Every safekeeper's view of a timeline (unreachable ones included), for the API. */
+  async report(timelineId: string): Promise<WalStatus['safekeepers']> {
+    return Promise.all(this.members.map(async (m) => {
+      try {
+        const s = await m.client.status(timelineId);
+        return { id: m.id, url: m.url, reachable: true, flush_lsn: s?.flush_lsn ?? '0/0', generation: s?.generation ?? 0, streaming: s?.streaming ?? false, lag_bytes: s?.lag_bytes ?? 0, last_error: s?.last_error ?? null };
+      } catch (err) {
+        return { id: m.id, url: m.url, reachable: false, error: (err as Error).message };
+      }
+    }));
   }
 
   /** Removes a deleted branch's WAL from every safekeeper (best effort). */

@@ -96,6 +96,8 @@ export interface BranchRow {
   parent_id: string | null;
   admin_password: string;
   spec_applied: string | null;
+  /** bigint: pg returns it as text. */
+  generation: string;
   created_at: Date;
 }
 

@@ -74,6 +74,11 @@ t.test('xenon commands against a running stack', async (t) => {
   }
   const got = await xenon(['endpoint', 'get', second], env);
   t.equal(JSON.parse(got.stdout).state, 'active');
+  // Started three times by now (the first query, then start after stop): generation 2 or more.
+  const wal = await xenon(['endpoint', 'wal', second], env);
+  t.equal(wal.code, 0, wal.stderr);
+  t.match(wal.stdout, /^timeline br-[a-z0-9-]+, generation [1-9]\d*, quorum 2 of 3\n/);
+  t.equal(wal.stdout.match(/\tstreaming\t/g)?.length, 3, `every safekeeper streams:\n${wal.stdout}`);
 
   const missing = await xenon(['endpoint', 'stop', 'ep-no-such-000000'], env);
   t.equal(missing.code, 1);

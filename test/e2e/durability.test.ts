@@ -48,6 +48,13 @@ t.test('one safekeeper down: no errors; two down: commits wait; one back: they c
     synchronous_commit: 'on', synchronous_standby_names: 'ANY 2 (sk1, sk2, sk3)', wal_level: 'replica',
   }, 'the compute commits on a quorum of 2 of the 3 safekeepers');
 
+  const wal = await stack.api.endpointWal(stack.info.endpoint_id);
+  t.equal(wal.quorum, 2, 'the API reports a quorum of 2');
+  t.ok(wal.generation >= 1, `generation ${wal.generation}`);
+  t.same(wal.safekeepers.map((k) => [k.id, k.reachable, k.streaming, k.generation]), [
+    ['sk1', true, true, wal.generation], ['sk2', true, true, wal.generation], ['sk3', true, true, wal.generation],
+  ], 'every safekeeper streams from the compute of the current generation');
+
   const w = new pg.Client(stack.pgConfig());
   await w.connect();
   let next = 0;
