@@ -243,6 +243,7 @@ export async function startSafekeeper(config: SafekeeperConfig, deps: Safekeeper
 }
 
 async function serveWalFile(tl: Timeline, file: string, rangeHeader: string | undefined, res: ServerResponse): Promise<void> {
+  await tl.settled(); // never serve WAL a generation change is cutting off
   const notFound = (): XenonError => new XenonError('SK_WAL_NOT_FOUND', `no WAL file ${JSON.stringify(file.slice(0, 80))} in ${tl.id}`);
   const seg = parseSegmentFileName(file);
   const isHistory = /^[0-9A-F]{8}\.history$/.test(file);

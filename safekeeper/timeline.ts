@@ -140,6 +140,8 @@ export class Timeline {
   private persistAgain = false;
   private persistRunning = false;
   private opChain: Promise<unknown> = Promise.resolve();
+  /** A generation change (fence persisted, WAL being cut) in progress. */
+  private changing: Promise<void> | null = null;
   private readonly log: Logger;
   private closed = false;
 
@@ -247,13 +249,23 @@ export class Timeline {
       }
       // A newer generation: persist the fence first, then cut divergent WAL, then follow.
       this.log.info('new compute generation', { from: s.generation, to: req.generation, startLsn: req.startLsn === undefined ? undefined : formatLsn(req.startLsn) });
-      s.generation = req.generation;
-      s.compute = req.compute;
-      if (req.peers !== undefined) s.peers = req.peers;
-      await this.persist();
-      await this.stopFollower();
-      this.computeLsn = null;
-      if (req.startLsn !== undefined && req.startLsn < this.flushLsn) await this.truncateTo(req.startLsn);
+      // Until the cut is done, status and WAL reads wait: a peer recovering from us must never see
+      // the new generation together with WAL past start_lsn, nor read WAL that is being cut.
+      const change = (async () => {
+        s.generation = req.generation;
+        s.compute = req.compute;
+        if (req.peers !== undefined) s.peers = req.peers;
+        await this.persist();
+        await this.stopFollower();
+        this.computeLsn = null;
+        if (req.startLsn !== undefined && req.startLsn < this.flushLsn) await this.truncateTo(req.startLsn);
+      })();
+      this.changing = change;
+      try {
+        await change;
+      } finally {
+        if (this.changing === change) this.changing = null;
+      }
       this.startFollower();
       return this.status();
     });
@@ -349,7 +361,13 @@ export class Timeline {
     return this.computeLsn !== null && this.computeLsn > this.flushLsn ? Number(this.computeLsn - this.flushLsn) : 0;
   }
 
+  /** Resolves when no generation change (fence + truncation) is in progress. */
+  async settled(): Promise<void> {
+    while (this.changing) await this.changing.catch(() => {});
+  }
+
   async status(): Promise<TimelineStatus> {
+    await this.settled();
     const s = this.state;
     let start = this.flushLsn;
     try {
@@ -613,13 +631,17 @@ export class Timeline {
     const peers = s.peers ?? [];
     if (peers.length === 0) throw new StreamError(`${reason}; no peer safekeepers known to recover it from`);
     await this.drainFlush();
+    // Every peer call is abandoned when the session is stopped (a generation change waits for us).
+    const stopped = session.stopSignal.then(() => { throw new StreamError('stopped'); });
+    stopped.catch(() => {});
+    const unlessStopped = <T>(p: Promise<T>): Promise<T> => Promise.race([p, stopped]);
     const why: string[] = [];
     const candidates: { url: string; client: SafekeeperClient; flush: bigint }[] = [];
     for (const url of peers) {
       const client = new SafekeeperClient(url, { timeoutMs: PEER_TIMEOUT_MS });
       let st;
       try {
-        st = await client.status(this.id);
+        st = await unlessStopped(client.status(this.id));
       } catch (err) {
         why.push(`${url}: unreachable (${(err as Error).message})`);
         continue;
@@ -648,9 +670,15 @@ export class Timeline {
           let end = base + SEG;
           if (end > c.flush) end = c.flush;
           if (end - pos > BigInt(PEER_CHUNK)) end = pos + BigInt(PEER_CHUNK);
-          const buf = await c.client.readWal(this.id, segmentFileName(tli, segno), { start: Number(pos - base), end: Number(end - base) });
+          const buf = await unlessStopped(c.client.readWal(this.id, segmentFileName(tli, segno), { start: Number(pos - base), end: Number(end - base) }));
           if (buf.length !== Number(end - pos)) throw new Error(`${segmentFileName(tli, segno)}: got ${buf.length} bytes, asked for ${end - pos}`);
           checkPageHeaders(buf, pos);
+          // Still the same generation and durable there after the read? (A peer that moved to a
+          // newer generation may have cut that WAL meanwhile; its status waits for the cut.)
+          const again = await unlessStopped(c.client.status(this.id));
+          if (!again || again.generation !== s.generation || again.pg_timeline !== tli || parseLsn(again.flush_lsn) < end) {
+            throw new Error(`the peer changed while reading (generation ${again?.generation}, flush ${again?.flush_lsn})`);
+          }
           const written = await this.store.write(tli, pos, [buf]);
           this.writeLsn = written;
           await this.store.sync();
