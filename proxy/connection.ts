@@ -313,21 +313,30 @@ export async function handleClient(raw: Duplex, deps: SessionDeps, ctx: RequestC
         logger: ctx.logger,
       });
       ctx.end();
-      if (conn.closed) throw new ClientGone('client left while its pool was being prepared');
-      conn.write(session.greeting);
-      const early = conn.detach();
-      observeConnect(ctx, metrics);
-      const labels = { protocol: ctx.protocol, kind: 'pooler' };
-      metrics.sessionsOpened.inc(labels);
-      metrics.sessionsActive.inc(labels);
-      ctx.logger.info('session started', { ...roundTimings(ctx), auth: auth.method, endpointFrom: ref.source, tls, database, pooled: true });
-      const endpoint = counted;
-      counted = undefined; // released when the pooled client closes
-      session.start(early, () => {
-        deps.tracker.dec(endpoint);
-        metrics.sessionsActive.dec(labels);
-        ctx.logger.info('session ended', { durationMs: Math.round(ctx.elapsedMs), pooled: true });
-      });
+      // Until start() succeeds the pooler slot is given back and `counted` released below.
+      let ended = false;
+      try {
+        if (conn.closed) throw new ClientGone('client left while its pool was being prepared');
+        conn.write(session.greeting);
+        const early = conn.detach();
+        observeConnect(ctx, metrics);
+        const labels = { protocol: ctx.protocol, kind: 'pooler' };
+        metrics.sessionsOpened.inc(labels);
+        metrics.sessionsActive.inc(labels);
+        ctx.logger.info('session started', { ...roundTimings(ctx), auth: auth.method, endpointFrom: ref.source, tls, database, pooled: true });
+        const endpoint = counted;
+        session.start(early, () => {
+          ended = true;
+          deps.tracker.dec(endpoint);
+          metrics.sessionsActive.dec(labels);
+          ctx.logger.info('session ended', { durationMs: Math.round(ctx.elapsedMs), pooled: true });
+        });
+        counted = undefined; // released when the pooled client closes
+      } catch (err) {
+        session.abandon();
+        if (ended) counted = undefined;
+        throw err;
+      }
       return;
     }
 

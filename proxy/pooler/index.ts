@@ -152,8 +152,17 @@ export class Pooler {
    * first client of a pool opens a server connection; errors such as 3D000 reach the client), and
    * returns what to greet the client with and how to start routing.
    */
-  async open(o: PooledSessionOptions): Promise<{ greeting: Buffer; start: (early: Buffer, onClose: () => void) => PooledClient }> {
+  async open(o: PooledSessionOptions): Promise<{ greeting: Buffer; start: (early: Buffer, onClose: () => void) => PooledClient; abandon: () => void }> {
     this.checkCapacity();
+    // The slot is taken now (clients authenticating together must not all pass the check): it
+    // passes to the client in start(), or is given back by abandon().
+    this.clientCount++;
+    let reserved = true;
+    const abandon = (): void => {
+      if (!reserved) return;
+      reserved = false;
+      this.clientCount--;
+    };
     const pool = this.pool(o.endpoint, o.database, o.user);
     pool.size = o.poolSize ?? this.settings.defaultPoolSize;
     pool.setCredentials(o.clientKey, o.secret);
@@ -161,6 +170,7 @@ export class Pooler {
     try {
       serverParams = await pool.ready();
     } catch (err) {
+      abandon();
       // A database that does not exist (say) must not leave an empty pool behind for each name tried.
       this.dropIfUnused(pool);
       throw err;
@@ -183,9 +193,10 @@ export class Pooler {
     out.push(backend.backendKeyData(processId, secretKey), backend.readyForQuery('I'));
     return {
       greeting: Buffer.concat(out),
+      abandon,
       start: (early, onClose) => {
-        this.checkCapacity();
-        this.clientCount++;
+        if (!reserved) throw new XenonError('INTERNAL', 'pooled session started after it was abandoned');
+        reserved = false;
         const client = new PooledClient(o.socket, pool, {
           params: settings,
           orphanDrainMs: this.settings.orphanDrainMs,
