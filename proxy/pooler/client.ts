@@ -24,18 +24,23 @@ import {
   PgWireError,
   query,
 } from '../pgwire/index.ts';
-import { K, ServerConn, type Statement } from './server.ts';
+import { DEALLOCATE_PROBE, K, ServerConn, type Statement } from './server.ts';
 import type { Pool } from './pool.ts';
 
 /** Stop reading a waiting client once this much is buffered. */
 const PAUSE_WAITING_AT = 1024 * 1024;
 /** Named statements one client may hold (their texts are kept in the proxy). */
 export const MAX_CLIENT_STATEMENTS = 10_000;
+/** Bytes of statement text (and parameter types) one client may hold. */
+export const MAX_CLIENT_STATEMENT_BYTES = 64 * 1024 * 1024;
 
 const READY_IDLE = backend.readyForQuery('I');
-const EMPTY_QUERY = query('');
-/** A Parse that always fails (its error is replaced by a 42P05 naming the client's statement). */
-const FAILING_PARSE = frame(FRONTEND.PARSE, cstring(''), cstring('xenon: prepared statement already exists'), Buffer.from([0, 0]));
+/**
+ * A Parse that always fails (its error is replaced by ours), under a name no statement ever has
+ * (server names are `xenon_` and base64url): a failing Parse of the unnamed statement would
+ * destroy the client's unnamed statement.
+ */
+const FAILING_PARSE = frame(FRONTEND.PARSE, cstring('xenon:never'), cstring('xenon: this statement must fail'), Buffer.from([0, 0]));
 
 /**
  * Statements that leave state in the session (PgBouncer's transaction-mode caveats): SET (not
@@ -44,8 +49,24 @@ const FAILING_PARSE = frame(FRONTEND.PARSE, cstring(''), cstring('xenon: prepare
  * before another client gets it.
  */
 const SESSION_RE =
-  /(?:^|;)\s*(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|prepare\b|discard\b|deallocate\b|load\b|declare\b[\s\S]*?\bwith\s+hold\b|create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b)|pg_advisory_lock|pg_try_advisory_lock|set_config\s*\(/i;
-const DISCARD_RE = /(?:^|;)\s*discard\s+all\b/i;
+  /(?:^|;)\s*(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|prepare\b|discard\b|deallocate\b|load\b|declare\b[\s\S]*?\bwith\s+hold\b)|\btemp(?:orary)?\b|pg_temp|pg_advisory_lock|pg_try_advisory_lock|set_config\s*\(/i;
+// Temporary tables: any `temp`/`temporary` word or `pg_temp` anywhere (SELECT … INTO TEMP,
+// CREATE TABLE pg_temp.x, CREATE TEMP …); a false positive only costs a DISCARD ALL.
+/** Statements that drop every prepared statement of the session (the compute's cache too). */
+const DROP_ALL_RE = /(?:^|;)\s*(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b/i;
+/** Comments (one linear pass: an unterminated one runs to the end). */
+const COMMENT_RE = /--[^\n]*|\/\*[\s\S]*?(?:\*\/|$)/g;
+
+/**
+ * `re` matches `sql` as written or with its comments blanked out (a statement after a leading
+ * comment; the text as written too, in case a quoted `--` hid the rest of a line).
+ */
+function matches(re: RegExp, sql: string): boolean {
+  if (re.test(sql)) return true;
+  if (sql.indexOf('--') < 0 && sql.indexOf('/*') < 0) return false;
+  return re.test(sql.replace(COMMENT_RE, ' '));
+}
+
 const DEALLOCATE_RE = /^\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([a-z_][a-z0-9_$]*))\s*;?\s*$/i;
 
 export interface PooledClientOptions {
@@ -63,8 +84,10 @@ let nextClientId = 1;
 export class PooledClient {
   readonly id = nextClientId++;
   readonly reader: FrontendReader;
-  /** Its named prepared statements (client name → statement). */
+  /** Its named prepared statements (client name → statement); changed only through add/removeStatement. */
   readonly stmts = new Map<string, Statement>();
+  /** Bytes of `rest` of its statements (bounded by MAX_CLIENT_STATEMENT_BYTES). */
+  stmtBytes = 0;
   server: ServerConn | null = null;
   /** Extended-protocol messages sent since the last Sync: the server stays linked until it. */
   inBatch = false;
@@ -103,7 +126,10 @@ export class PooledClient {
     s.on('end', this.onGone);
     s.on('close', this.onGone);
     s.on('error', this.onGone);
-    s.on('drain', () => this.server?.resume());
+    s.on('drain', () => {
+      this.server?.resume();
+      this.resumeReading();
+    });
     if (early.length) this.reader.push(early);
     this.pump();
     if (!this.closed) s.resume();
@@ -128,6 +154,7 @@ export class PooledClient {
           }
           if (this.waiting) {
             this.held = f;
+            if (this.reader.buffered > PAUSE_WAITING_AT) this.socket.pause();
             break;
           }
           const got = this.pool.acquire(this);
@@ -152,9 +179,15 @@ export class PooledClient {
       this.fatal('INTERNAL');
       return;
     }
+    // Waiting, but what it waited with got answered here (a Parse the pool came to know): it needs no connection.
+    if (this.waiting && this.held === null) {
+      this.waiting = false;
+      this.pool.forgetWaiter(this);
+    }
     const s = this.server;
     if (s && !s.flush()) this.socket.pause();
-    this.flushOut();
+    // Answers given here (a flood of lone Syncs, say) respect the client's backpressure too.
+    if (!this.flushOut()) this.socket.pause();
   }
 
   /** The pool hands over a server connection after a wait. */
@@ -166,7 +199,25 @@ export class PooledClient {
     }
     this.attach(s);
     this.pump();
-    if (!this.closed && this.socket.isPaused() && !this.waiting) this.socket.resume();
+    if (this.closed) return;
+    // What it waited with may have been answered here meanwhile (a Parse the pool came to know).
+    if (this.server === s) s.releaseIfIdle();
+    this.resumeReading();
+  }
+
+  /** A cancel request while waiting: the request it waits with fails with 57014; what follows runs. */
+  cancelWait(): void {
+    if (this.closed) return;
+    const f = this.held;
+    this.held = null;
+    if (f) {
+      const t = f[0]!;
+      this.queueOut(backend.errorResponse({ severity: 'ERROR', code: '57014', message: 'canceling statement due to user request' }));
+      if (t === FRONTEND.QUERY || t === FRONTEND.FUNCTION_CALL) this.queueOut(READY_IDLE);
+      else this.localSkipping = true;
+    }
+    this.pump();
+    if (!this.closed) this.resumeReading();
   }
 
   /** Waiting took too long: every request buffered so far gets `message` (53300), as Postgres would answer a failing one. */
@@ -207,8 +258,8 @@ export class PooledClient {
       }
       throw e;
     }
-    this.flushOut();
-    if (this.socket.isPaused()) this.socket.resume();
+    if (this.flushOut()) this.resumeReading();
+    else this.socket.pause();
   }
 
   /** Messages answered without a server connection (the client is idle, between transactions). */
@@ -238,14 +289,14 @@ export class PooledClient {
       case FRONTEND.CLOSE: {
         // No portal outlives a transaction; a statement is only forgotten (it stays cached on servers).
         const end = cstringEnd(f, 6);
-        if (f[5] === 0x53 && end > 6) this.stmts.delete(f.toString('utf8', 6, end));
+        if (f[5] === 0x53 && end > 6) this.removeStatement(f.toString('utf8', 6, end));
         this.queueOut(CLOSE_COMPLETE);
         return true;
       }
       case FRONTEND.QUERY: {
-        const tag = this.deallocate(f);
-        if (tag === undefined) return false;
-        this.queueOut(commandComplete(tag));
+        const d = this.deallocate(f);
+        if (d === undefined) return false;
+        this.queueOut(commandComplete(d.tag));
         this.queueOut(READY_IDLE);
         return true;
       }
@@ -255,10 +306,10 @@ export class PooledClient {
         const nameEnd = cstringEnd(f, 5);
         if (nameEnd === 5) return false;
         const name = f.toString('utf8', 5, nameEnd);
-        if (this.stmts.has(name) || this.stmts.size >= MAX_CLIENT_STATEMENTS) return false;
+        if (this.stmts.has(name) || this.stmts.size >= MAX_CLIENT_STATEMENTS || this.stmtBytes + f.length > MAX_CLIENT_STATEMENT_BYTES) return false;
         const stmt = this.statement(f, nameEnd);
         if (!this.pool.known.get(stmt.serverName)) return false;
-        this.stmts.set(name, stmt);
+        this.addStatement(name, stmt);
         this.queueOut(PARSE_COMPLETE);
         this.pool.counters.localParses++;
         return true;
@@ -272,13 +323,45 @@ export class PooledClient {
   private statement(f: Buffer, nameEnd: number): Statement {
     // A copy: the frame may be a view of a large read that must not be kept alive.
     const rest = Buffer.from(f.subarray(nameEnd + 1));
-    const serverName = `xenon_${createHash('sha1').update(rest).digest('base64url').slice(0, 24)}`;
+    // Startup parameters (search_path, say) are part of the name: the same text may mean something else.
+    const h = createHash('sha1');
+    if (this.sig) h.update(this.sig).update('\0');
+    const serverName = `xenon_${h.update(rest).digest('base64url').slice(0, 24)}`;
     const textEnd = cstringEnd(f, nameEnd + 1);
-    return { serverName, nameBuf: cstring(serverName), rest, session: SESSION_RE.test(f.toString('latin1', nameEnd + 1, textEnd)) };
+    return { serverName, nameBuf: cstring(serverName), rest, session: matches(SESSION_RE, f.toString('latin1', nameEnd + 1, textEnd)) };
   }
 
-  /** DEALLOCATE of statements this client prepared: forgets them and returns the command tag; undefined when not one. */
-  private deallocate(f: Buffer): string | undefined {
+  addStatement(name: string, st: Statement): void {
+    const old = this.stmts.get(name);
+    if (old) this.stmtBytes -= old.rest.length;
+    this.stmts.set(name, st);
+    this.stmtBytes += st.rest.length;
+  }
+
+  removeStatement(name: string): boolean {
+    const old = this.stmts.get(name);
+    if (!old) return false;
+    this.stmtBytes -= old.rest.length;
+    return this.stmts.delete(name);
+  }
+
+  /** Forgets every statement; returns them (to restore if the DEALLOCATE ALL fails). */
+  clearStatements(): Map<string, Statement> {
+    const saved = new Map(this.stmts);
+    this.stmts.clear();
+    this.stmtBytes = 0;
+    return saved;
+  }
+
+  restoreStatements(saved: Map<string, Statement>): void {
+    for (const [name, st] of saved) if (!this.stmts.has(name)) this.addStatement(name, st);
+  }
+
+  /**
+   * DEALLOCATE of statements this client prepared: forgets them and returns the command tag (and
+   * what was forgotten, to restore if the compute refuses it); undefined when not one.
+   */
+  private deallocate(f: Buffer): { tag: string; name?: string; stmt?: Statement; saved?: Map<string, Statement> } | undefined {
     if (f.length > 300) return undefined;
     // Cheap test first: the first non-blank byte must be a 'd'.
     let i = 5;
@@ -286,12 +369,12 @@ export class PooledClient {
     if ((f[i]! | 0x20) !== 0x64) return undefined;
     const m = DEALLOCATE_RE.exec(f.toString('utf8', 5, f.length - 1));
     if (!m) return undefined;
-    if (m[2] !== undefined && m[2].toLowerCase() === 'all') {
-      this.stmts.clear();
-      return 'DEALLOCATE ALL';
-    }
+    if (m[2] !== undefined && m[2].toLowerCase() === 'all') return { tag: 'DEALLOCATE ALL', saved: this.clearStatements() };
     const name = m[1] !== undefined ? m[1].replaceAll('""', '"') : m[2]!.toLowerCase();
-    return this.stmts.delete(name) ? 'DEALLOCATE' : undefined;
+    const stmt = this.stmts.get(name);
+    if (!stmt) return undefined;
+    this.removeStatement(name);
+    return { tag: 'DEALLOCATE', name, stmt };
   }
 
   // ---- routing to the linked server
@@ -337,10 +420,11 @@ export class PooledClient {
     }
     switch (t) {
       case FRONTEND.QUERY: {
-        const tag = this.deallocate(f);
-        if (tag !== undefined) {
-          s.send(EMPTY_QUERY);
-          s.expect(K.QUERY_DEALLOCATE, { tag });
+        const d = this.deallocate(f);
+        if (d !== undefined) {
+          // A probe that fails as DEALLOCATE would in an aborted transaction (25P02); the statements are then restored.
+          s.send(DEALLOCATE_PROBE);
+          s.expect(K.QUERY_DEALLOCATE, { tag: d.tag, client: this, clientName: d.name, stmt: d.stmt, removed: true, saved: d.saved });
           return;
         }
         this.sessionCheck(s, f.toString('latin1', 5, f.length - 1));
@@ -385,7 +469,7 @@ export class PooledClient {
         if (f[5] === 0x53 && end > 6) {
           const name = f.toString('utf8', 6, end);
           const stmt = this.stmts.get(name);
-          this.stmts.delete(name);
+          this.removeStatement(name);
           s.expect(K.CLOSE_FAKE, { client: this, clientName: name, stmt, removed: true });
         } else {
           s.send(f);
@@ -394,23 +478,30 @@ export class PooledClient {
         return;
       }
       case FRONTEND.SYNC:
+        s.send(f);
+        // In COPY FROM STDIN the compute ignores Sync (and Flush): nothing will answer it.
+        if (s.copyOpen) return;
         this.inBatch = false;
         s.skipping = false;
-        s.send(f);
         s.expect(K.SYNC);
         return;
       case FRONTEND.FLUSH:
-        this.inBatch = true;
+        if (!s.copyOpen) this.inBatch = true;
         s.send(f);
         return;
       case FRONTEND.FUNCTION_CALL:
+        // A function called by OID may be anything (pg_advisory_lock, set_config): reset afterwards.
+        s.dirty = true;
         s.send(f);
         s.expect(K.QUERY);
         return;
       case FRONTEND.COPY_DATA:
+        s.send(f);
+        return;
       case FRONTEND.COPY_DONE:
       case FRONTEND.COPY_FAIL:
         s.send(f);
+        s.copyEnded();
         return;
       case FRONTEND.TERMINATE:
         this.close();
@@ -419,11 +510,15 @@ export class PooledClient {
   }
 
   private sessionCheck(s: ServerConn, sql: string): void {
-    if (!SESSION_RE.test(sql)) return;
+    if (!matches(SESSION_RE, sql)) return;
     // Reset (DISCARD ALL, which also empties the statement cache) before anyone else gets it.
     s.dirty = true;
-    // DISCARD ALL forgets the client's own statements too.
-    if (DISCARD_RE.test(sql)) this.stmts.clear();
+    // DISCARD ALL / DEALLOCATE ALL drop the client's statements and the compute's, from when they are sent
+    // (what follows in the same pipeline must prepare again).
+    if (matches(DROP_ALL_RE, sql)) {
+      this.clearStatements();
+      s.forgetStatements();
+    }
   }
 
   private parse(s: ServerConn, f: Buffer): void {
@@ -441,31 +536,28 @@ export class PooledClient {
       s.expect(K.PARSE_ERROR, { error: ServerConn.duplicateError(name) });
       return;
     }
-    if (this.stmts.size >= MAX_CLIENT_STATEMENTS) {
+    if (this.stmts.size >= MAX_CLIENT_STATEMENTS || this.stmtBytes + f.length > MAX_CLIENT_STATEMENT_BYTES) {
+      const what = this.stmts.size >= MAX_CLIENT_STATEMENTS ? `${MAX_CLIENT_STATEMENTS} statements` : `${MAX_CLIENT_STATEMENT_BYTES / 1024 / 1024} MiB of statement text`;
       s.send(FAILING_PARSE);
       s.expect(K.PARSE_ERROR, {
-        error: backend.errorResponse({ severity: 'ERROR', code: '54000', message: `too many prepared statements on this pooled connection (${MAX_CLIENT_STATEMENTS}); close or deallocate some` }),
+        error: backend.errorResponse({ severity: 'ERROR', code: '54000', message: `too many prepared statements on this pooled connection (${what}); close or deallocate some` }),
       });
       return;
     }
     const stmt = this.statement(f, nameEnd);
-    const { serverName, rest } = stmt;
-    this.stmts.set(name, stmt);
+    const { serverName } = stmt;
+    this.addStatement(name, stmt);
     if (s.stmts.get(serverName)) {
       s.expect(K.PARSE_FAKE, { client: this, clientName: name, stmt });
       return;
     }
-    s.addStatement(serverName);
-    s.send(frame(FRONTEND.PARSE, stmt.nameBuf, rest));
-    s.expect(K.PARSE, { serverName, client: this, clientName: name, stmt });
+    s.prepare(stmt, K.PARSE, { serverName, client: this, clientName: name, stmt });
     this.pool.counters.parses++;
   }
 
   private ensurePrepared(s: ServerConn, st: Statement): void {
     if (s.stmts.get(st.serverName)) return;
-    s.addStatement(st.serverName);
-    s.send(frame(FRONTEND.PARSE, st.nameBuf, st.rest));
-    s.expect(K.PARSE_SKIP, { serverName: st.serverName });
+    s.prepare(st, K.PARSE_SKIP, { serverName: st.serverName });
     this.pool.counters.injectedParses++;
   }
 
@@ -512,9 +604,17 @@ export class PooledClient {
     return this.socket.write(buf);
   }
 
-  /** The server's socket drained: read from the client again. */
+  /**
+   * Reads from the client again unless something still holds it back: a long wait with much
+   * buffered, its own socket full (it does not read its answers), or the server's socket full.
+   */
   resumeReading(): void {
-    if (!this.closed && !this.waiting && this.socket.isPaused()) this.socket.resume();
+    const sock = this.socket;
+    if (this.closed || !sock.isPaused()) return;
+    if (this.waiting && this.reader.buffered > PAUSE_WAITING_AT) return;
+    if (sock.writableNeedDrain) return;
+    if (this.server && this.server.socket.writableNeedDrain) return;
+    sock.resume();
   }
 
   // ---- ending

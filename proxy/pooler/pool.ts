@@ -179,9 +179,13 @@ export class Pool {
     const now = performance.now();
     while (this.wHead < this.waiters.length) {
       const c = this.waiters[this.wHead];
-      if (c && now - c.waitStart < limit) break;
+      if (!c) {
+        // The hole of a waiter that left (nextWaiter would skip it and take the next one).
+        this.wHead++;
+        continue;
+      }
+      if (now - c.waitStart < limit) break;
       this.nextWaiter();
-      if (!c) continue;
       this.counters.waitTimeouts++;
       this.deps.metrics.errors.inc({ kind: 'rateLimit', code: 'PROXY_POOL_TIMEOUT' });
       const xe = new XenonError('PROXY_POOL_TIMEOUT', `no server connection of the pool became free within ${limit} ms (pool size ${this.size}); try again`, {
@@ -198,6 +202,12 @@ export class Pool {
   /** A server connection is free (transaction over, reset done, or just opened). */
   release(s: ServerConn): void {
     if (s.dead) return;
+    if (s.cancels > 0) {
+      // A cancel for the query that just ended may still reach the compute: nobody else gets the
+      // connection before it arrived (an idle backend ignores it).
+      s.releaseAfterCancel = true;
+      return;
+    }
     if (s.doomed || this.closed || this.servers.size > this.size) {
       s.destroy(s.doomed ? 'compute invalidated' : 'pool shrank');
       return;
@@ -308,11 +318,24 @@ export class Pool {
     for (const s of [...this.idle]) s.destroy('compute invalidated');
   }
 
-  /** Cancels what `c` runs now, on the server connection it holds. */
+  /**
+   * Cancels what `c` runs now, on the server connection it holds; the connection is not lent to
+   * another client until the cancel request was delivered. A client waiting for a connection gets
+   * 57014 for the request it waits with.
+   */
   cancel(c: PooledClient): Promise<boolean> {
+    if (c.waiting) {
+      this.forgetWaiter(c);
+      c.waiting = false;
+      c.cancelWait();
+      return Promise.resolve(true);
+    }
     const s = c.server;
     if (!s || s.dead || s.pending === 0) return Promise.resolve(false);
-    return sendCancel({ host: s.host, port: s.port, processId: s.processId, secretKey: s.secretKey }).then(() => true);
+    s.cancelStarted();
+    return sendCancel({ host: s.host, port: s.port, processId: s.processId, secretKey: s.secretKey })
+      .then(() => true)
+      .finally(() => s.cancelDone());
   }
 
   close(): void {

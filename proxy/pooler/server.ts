@@ -26,6 +26,8 @@ import {
   backend,
   query,
   copyFail,
+  frame,
+  FRONTEND,
   SYNC,
 } from '../pgwire/index.ts';
 import type { PooledClient } from './client.ts';
@@ -57,9 +59,18 @@ export const K = {
   QUERY_DEALLOCATE: 14,
   /** A Parse that must fail (duplicate statement name): the compute's error is replaced by ours. */
   PARSE_ERROR: 15,
+  /** A Sync the compute ignores (sent while it was in COPY FROM STDIN): nothing comes back. */
+  IGNORED: 16,
+  /** Marks where the client's CopyDone/CopyFail went (nothing comes back for it). */
+  COPY_END: 17,
 } as const;
 
-const FAKE_KINDS = new Set<number>([K.PARSE_FAKE, K.CLOSE_FAKE]);
+/** Kinds answered by nothing from the compute: due as soon as they reach the head of the queue. */
+const FAKE_KINDS = new Set<number>([K.PARSE_FAKE, K.CLOSE_FAKE, K.IGNORED, K.COPY_END]);
+/** The reply to a client's DEALLOCATE: fails with 25P02 in an aborted transaction, as DEALLOCATE would. */
+export const DEALLOCATE_PROBE = query('SELECT');
+const XENON_NAME = /xenon_[A-Za-z0-9_-]{24}/g;
+const NUL = Buffer.from([0]);
 /** Kinds that end at ReadyForQuery (an ErrorResponse does not end them). */
 const UNTIL_READY = new Set<number>([K.SYNC, K.QUERY, K.QUERY_SKIP, K.QUERY_DEALLOCATE]);
 
@@ -89,6 +100,8 @@ export interface Undo {
   /** QUERY_DEALLOCATE: the tag. PARSE_ERROR: the ErrorResponse to send instead. */
   tag?: string;
   error?: Buffer;
+  /** QUERY_DEALLOCATE of ALL: the client's statements before it (restored if it fails). */
+  saved?: Map<string, Statement>;
 }
 
 let nextServerId = 1;
@@ -120,6 +133,12 @@ export class ServerConn {
   skipping = false;
   /** The compute is in COPY FROM STDIN. */
   copyIn = false;
+  /** In COPY FROM STDIN and the client has not sent CopyDone/CopyFail yet: a Sync it sends now is ignored by the compute. */
+  copyOpen = false;
+  /** Cancel requests on their way to the compute: the connection goes to no other client before they arrived. */
+  cancels = 0;
+  /** It became free while cancels were in flight: released when the last one completes. */
+  releaseAfterCancel = false;
   /** Statements prepared here (server names), least recently used evicted with a Close. */
   readonly stmts: LRUCache<string, true>;
   private readonly evicted: string[] = [];
@@ -216,9 +235,48 @@ export class ServerConn {
     if (this.evicted.length) {
       for (const name of this.evicted.splice(0)) {
         this.send(closeMessage('S', name));
-        this.expect(K.CLOSE_SKIP);
+        // If the compute skips it (an error earlier in the batch), the Close is sent again later.
+        this.expect(K.CLOSE_SKIP, { serverName: name });
       }
     }
+  }
+
+  /**
+   * Prepares `st` here: a Close of its name first (answered CloseComplete whether or not it exists),
+   * so a statement the compute kept while this side forgot it (a DISCARD ALL or DEALLOCATE ALL in a
+   * transaction that then failed, say) never fails with 42P05; then the Parse.
+   */
+  prepare(st: Statement, kind: number, x: Undo): void {
+    this.addStatement(st.serverName);
+    this.send(closeMessage('S', st.serverName));
+    this.expect(K.CLOSE_SKIP);
+    this.send(frame(FRONTEND.PARSE, st.nameBuf, st.rest));
+    this.expect(kind, x);
+  }
+
+  /** Forgets every statement prepared here (a DISCARD ALL or DEALLOCATE ALL went to the compute). */
+  forgetStatements(): void {
+    this.stmts.clear();
+    this.evicted.length = 0;
+  }
+
+  /** A cancel request for this connection's current query is on its way. */
+  cancelStarted(): void {
+    this.cancels++;
+  }
+
+  /** That cancel request was delivered (or failed): the connection may now go to another client. */
+  cancelDone(): void {
+    this.cancels--;
+    if (this.cancels === 0 && this.releaseAfterCancel) {
+      this.releaseAfterCancel = false;
+      this.pool.release(this);
+    }
+  }
+
+  /** Hands the connection back if its client has nothing outstanding (it was granted to a client that no longer needs it). */
+  releaseIfIdle(): void {
+    if (this.pending === 0) this.idleCheck();
   }
 
   // ---- answers from the compute
@@ -274,6 +332,7 @@ export class ServerConn {
     if (type === BACKEND.READY_FOR_QUERY) {
       this.status = buf[start + 5]!;
       this.copyIn = false;
+      this.copyOpen = false;
       if (!UNTIL_READY.has(kind)) {
         this.desync(kind, type);
         return;
@@ -286,34 +345,39 @@ export class ServerConn {
     }
     if (type === BACKEND.ERROR) {
       this.copyIn = false;
+      this.copyOpen = false;
       if (UNTIL_READY.has(kind)) {
         // Simple query (or a Sync's commit): the error is part of the answer; ReadyForQuery follows.
         if (kind === K.QUERY_SKIP) {
           if (x && x.failed === undefined) x.failed = errorMessage(buf.subarray(start + 5, end));
           return;
         }
-        this.forward(buf, start, end);
+        // A DEALLOCATE that failed (aborted transaction): the statements stay, as in Postgres.
+        if (kind === K.QUERY_DEALLOCATE) this.undo(kind, x);
+        this.forwardError(buf, start, end);
         return;
       }
       // Extended protocol: the compute skips everything up to the next Sync.
       if (kind === K.PARSE_ERROR && x?.error) this.emit(x.error);
-      else this.forward(buf, start, end);
-      this.undo(kind, x);
-      this.pop();
-      while (this.qHead < this.qk.length && this.qk[this.qHead] !== K.SYNC) {
-        this.undo(this.qk[this.qHead]!, this.qx[this.qHead]);
-        this.pop();
-      }
+      else this.forwardError(buf, start, end);
+      // Undo what the skipped messages recorded, last first (a Close then a Parse of one name).
+      let j = this.qHead + 1;
+      while (j < this.qk.length && this.qk[j] !== K.SYNC) j++;
+      for (let i = j - 1; i >= this.qHead; i--) this.undo(this.qk[i]!, this.qx[i]);
+      for (let n = j - this.qHead; n > 0; n--) this.pop();
       if (this.qHead >= this.qk.length) this.skipping = true;
       return;
     }
+    if (type === BACKEND.COPY_IN) this.copyStarted(kind);
     switch (kind) {
       case K.QUERY:
+        if (type === BACKEND.COMMAND_COMPLETE) this.copyIn = false;
+        this.forward(buf, start, end);
+        return;
       case K.QUERY_DEALLOCATE:
-        if (type === BACKEND.COPY_IN) this.copyIn = true;
-        else if (type === BACKEND.COMMAND_COMPLETE) this.copyIn = false;
-        if (kind === K.QUERY_DEALLOCATE && type === BACKEND.EMPTY_QUERY) this.emit(commandComplete(x!.tag!));
-        else this.forward(buf, start, end);
+        // The probe's row is swallowed; its CommandComplete becomes DEALLOCATE's.
+        if (type === BACKEND.COMMAND_COMPLETE) this.emit(commandComplete(x!.tag!));
+        else if (type !== BACKEND.ROW_DESCRIPTION && type !== BACKEND.DATA_ROW) this.forward(buf, start, end);
         return;
       case K.QUERY_SKIP:
         return;
@@ -351,8 +415,6 @@ export class ServerConn {
           this.copyIn = false;
           this.pop();
           this.drainFakes();
-        } else if (type === BACKEND.COPY_IN) {
-          this.copyIn = true;
         }
         return;
       case K.CLOSE:
@@ -387,20 +449,46 @@ export class ServerConn {
       const kind = this.qk[this.qHead]!;
       if (kind === K.PARSE_FAKE) this.emit(PARSE_COMPLETE);
       else if (kind === K.CLOSE_FAKE) this.emit(CLOSE_COMPLETE);
-      else return;
+      else if (kind !== K.IGNORED && kind !== K.COPY_END) return;
       this.pop();
     }
+  }
+
+  /**
+   * The compute entered COPY FROM STDIN (CopyInResponse to the request at the head). It ignores
+   * Sync and Flush until the copy ends, so the Syncs sent after that request and before the
+   * client's CopyDone/CopyFail will not be answered. In the extended protocol a Sync must follow
+   * the copy: the client keeps the connection until it sends one.
+   */
+  private copyStarted(kind: number): void {
+    this.copyIn = true;
+    let i = this.qHead + 1;
+    for (; i < this.qk.length && this.qk[i] !== K.COPY_END; i++) if (this.qk[i] === K.SYNC) this.qk[i] = K.IGNORED;
+    if (i >= this.qk.length) this.copyOpen = true;
+    if (kind !== K.EXECUTE) return;
+    let synced = false;
+    for (let k = i; k < this.qk.length; k++) if (this.qk[k] === K.SYNC) synced = true;
+    if (!synced && this.client) this.client.inBatch = true;
+  }
+
+  /** The client sent CopyDone or CopyFail. */
+  copyEnded(): void {
+    this.copyOpen = false;
+    this.expect(K.COPY_END);
   }
 
   /** The compute will not act on a message (skipped after an error): undo what sending it recorded. */
   private undo(kind: number, x: Undo | undefined): void {
     if (!x) return;
     if (x.serverName && (kind === K.PARSE || kind === K.PARSE_SKIP)) this.stmts.delete(x.serverName);
+    // A skipped eviction: the statement is still on the compute; close it with the next eviction.
+    if (x.serverName && kind === K.CLOSE_SKIP && !this.stmts.has(x.serverName)) this.evicted.push(x.serverName);
+    if (x.client && x.saved) x.client.restoreStatements(x.saved);
     if (x.client && x.clientName !== undefined) {
       if (x.removed) {
-        if (x.stmt && !x.client.stmts.has(x.clientName)) x.client.stmts.set(x.clientName, x.stmt);
+        if (x.stmt && !x.client.stmts.has(x.clientName)) x.client.addStatement(x.clientName, x.stmt);
       } else if (x.client.stmts.get(x.clientName) === x.stmt) {
-        x.client.stmts.delete(x.clientName);
+        x.client.removeStatement(x.clientName);
       }
     }
   }
@@ -423,6 +511,35 @@ export class ServerConn {
     this.runBuf = buf;
     this.runStart = start;
     this.runEnd = end;
+  }
+
+  /**
+   * Forwards an ErrorResponse; one that names a server-side statement (`xenon_…`, the compute lost
+   * one this side thought it had) names the client's statement instead, and the name is forgotten
+   * here so it is prepared again next time.
+   */
+  private forwardError(buf: Buffer, start: number, end: number): void {
+    if (buf.subarray(start, end).indexOf('xenon_', 0, 'latin1') < 0) {
+      this.forward(buf, start, end);
+      return;
+    }
+    let fields: Record<string, string>;
+    try {
+      fields = parseErrorFields(buf.subarray(start + 5, end));
+    } catch {
+      this.forward(buf, start, end);
+      return;
+    }
+    const c = this.client;
+    const rename = (serverName: string): string => {
+      this.stmts.delete(serverName);
+      if (c) for (const [name, st] of c.stmts) if (st.serverName === serverName) return name;
+      return 'pooled statement';
+    };
+    const parts: Buffer[] = [];
+    for (const [k, v] of Object.entries(fields)) parts.push(Buffer.from(k, 'latin1'), Buffer.from(v.replace(XENON_NAME, rename)), NUL);
+    parts.push(NUL);
+    this.emit(frame(BACKEND.ERROR, ...parts));
   }
 
   private flushRun(): void {
@@ -495,7 +612,12 @@ export class ServerConn {
     this.client = null;
     this.orphan = true;
     if (this.dead) return;
-    if (this.copyIn) this.send(copyFail('client disconnected'));
+    // It may be paused for the departed client's backpressure: its answers must still be read.
+    this.resume();
+    if (this.copyIn || this.copyOpen) {
+      this.send(copyFail('client disconnected'));
+      this.copyEnded();
+    }
     if (inBatch) {
       this.send(SYNC);
       this.expect(K.SYNC);
@@ -533,7 +655,8 @@ export class ServerConn {
     clearTimeout(this.orphanTimer);
     const c = this.client;
     this.client = null;
-    if (c) c.serverLost(this.pending > 0 || this.status !== 0x49);
+    // Busy: a request outstanding, a transaction open, or an extended batch not yet synced (its Parse may have been answered).
+    if (c) c.serverLost(this.pending > 0 || this.status !== 0x49 || c.inBatch);
     this.pool.removed(this, reason);
   }
 
