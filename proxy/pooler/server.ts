@@ -465,6 +465,15 @@ export class ServerConn {
     let i = this.qHead + 1;
     for (; i < this.qk.length && this.qk[i] !== K.COPY_END; i++) if (this.qk[i] === K.SYNC) this.qk[i] = K.IGNORED;
     if (i >= this.qk.length) this.copyOpen = true;
+    if (this.orphan && this.copyOpen) {
+      // Its client left before the copy started: end it (the Sync sent with the orphan was ignored).
+      this.send(copyFail('client disconnected'));
+      this.copyEnded();
+      this.send(SYNC);
+      this.expect(K.SYNC);
+      this.flush();
+      return;
+    }
     if (kind !== K.EXECUTE) return;
     let synced = false;
     for (let k = i; k < this.qk.length; k++) if (this.qk[k] === K.SYNC) synced = true;

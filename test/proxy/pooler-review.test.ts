@@ -560,3 +560,17 @@ t.test('the compute lost between an answered Parse + Flush and its Sync: the cli
   const codes = s.msgs.filter((m) => m.type === 'E').map((m) => errorOf([m]).C);
   t.ok(codes.includes('08006'), `errors: ${codes.join(', ')}`);
 });
+
+t.test('a client that leaves right after sending an extended COPY FROM STDIN: the copy is ended and the server reused', async (t) => {
+  const h = await startPooler(t, { XENON_POOLER_ORPHAN_DRAIN_MS: '4000' });
+  const c = await h.raw();
+  c.send(query('SELECT 1'));
+  await c.until('Z');
+  c.send(parse('', 'COPY cp FROM STDIN'), bind('', '', []), execute(), sync());
+  c.socket.end(); // leaves before the CopyInResponse arrives
+  await sleep(300);
+  const b = await h.client();
+  const r = await Promise.race([b.query('SELECT 1 AS v').then((x) => x.rows), sleep(2_500).then(() => 'waited for the drain timeout')]);
+  t.same(r, [{ v: 1 }], 'the server connection came back before the drain timeout');
+  t.equal(h.stats().servers_closed, 0);
+});
