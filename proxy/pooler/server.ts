@@ -539,6 +539,11 @@ export class ServerConn {
       this.forward(buf, start, end);
       return;
     }
+    // Only "prepared statement … does not exist / already exists" name statements.
+    if (fields.C !== '26000' && fields.C !== '42P05') {
+      this.forward(buf, start, end);
+      return;
+    }
     const c = this.client;
     const rename = (serverName: string): string => {
       this.stmts.delete(serverName);
