@@ -1,6 +1,6 @@
 /**
  * Quorum-commit benchmark (not a tap test; run by hand on a quiet machine):
- *   node --import tsx test/safekeeper/bench.ts [seconds=5] [rounds=3] [sync methods=open_datasync,fdatasync]
+ *   node --import tsx test/bench/safekeeper.ts [seconds=5] [rounds=3] [sync methods=open_datasync,fdatasync]
  * One PG 15 cluster; pgbench TPC-B -c 4 and -c 1 with (a) no standbys, (b) pg_receivewal ×3
  * (--synchronous) in ANY 2, (c) Xenon safekeepers ×3 (separate processes) in ANY 2 per sync
  * method. Configurations are interleaved for `rounds` rounds and medians reported, so that load
@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { SafekeeperClient } from '../../safekeeper/client.ts';
 import { startTestPostgres } from '../helpers/postgres.ts';
-import { computeOf, PG_BIN, REPL_SETTINGS, runTool, spawnSafekeeper, startReceivewal, tempDir, waitFor, withClient } from './helpers.ts';
+import { computeOf, PG_BIN, REPL_SETTINGS, runTool, spawnSafekeeper, startReceivewal, tempDir, waitFor, withClient } from '../safekeeper/helpers.ts';
 
 const seconds = Number(process.argv[2] ?? 5);
 const rounds = Number(process.argv[3] ?? 3);
