@@ -49,7 +49,7 @@ const FAILING_PARSE = frame(FRONTEND.PARSE, cstring('xenon:never'), cstring('xen
  * before another client gets it.
  */
 const SESSION_RE =
-  /(?:^|;)\s*(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|prepare\b|discard\b|deallocate\b|load\b|declare\b[\s\S]*?\bwith\s+hold\b)|\btemp(?:orary)?\b|pg_temp|pg_advisory_lock|pg_try_advisory_lock|set_config\s*\(/i;
+  /(?:^|;)\s*(?:set\s+(?!local\b|transaction\b|constraints\b)|reset\b|listen\b|prepare\b|discard\b|deallocate\b|load\b)|\bwith\s+hold\b|\btemp(?:orary)?\b|pg_temp|pg_advisory_lock|pg_try_advisory_lock|set_config\s*\(/i;
 // Temporary tables: any `temp`/`temporary` word or `pg_temp` anywhere (SELECT … INTO TEMP,
 // CREATE TABLE pg_temp.x, CREATE TEMP …); a false positive only costs a DISCARD ALL.
 /** Statements that drop every prepared statement of the session (the compute's cache too). */
