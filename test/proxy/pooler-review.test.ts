@@ -6,34 +6,18 @@ import pg from 'pg';
 import postgres from 'postgres';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { connect as tlsConnect, createSecureContext, type TLSSocket } from 'node:tls';
+import { createSecureContext } from 'node:tls';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { createLogger } from '../../lib/logger.ts';
 import { startTestPostgres } from '../helpers/postgres.ts';
-import { pgSasl } from '../helpers/pg-sasl.ts';
+import { bind, close, copyData, copyDone, dataRows, errorOf, execute, flush, i16, i32, msg, parse, PoolerControlPlane, query, rawPoolerSession, sync, typesOf, type Msg, type RawSession } from '../helpers/pooler.ts';
 import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
 import type { Pool } from '../../proxy/pooler/pool.ts';
 import type { PooledClient } from '../../proxy/pooler/client.ts';
-import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
 
 const EP = 'ep-pool-1';
 const POOLER = `${EP}-pooler`;
 
-class FakeControlPlane implements ControlPlaneApi {
-  constructor(
-    public access: EndpointAccess,
-    public port: number,
-  ) {}
-  async getEndpointAccess(endpoint: string): Promise<EndpointAccess | null> {
-    return endpoint === this.access.endpoint_id ? this.access : null;
-  }
-  async wakeCompute(): Promise<ComputeInfo> {
-    return { endpoint_id: EP, host: '127.0.0.1', port: this.port, cold: false, cache_ttl_ms: 60_000 };
-  }
-  async reportConnections() {
-    return { ok: true as const, invalidate: [], invalidate_access: [] };
-  }
-}
 
 const db = await startTestPostgres(t, 'xenon-pooler-review-', { max_connections: 60 });
 const admin = new pg.Client(db.admin());
@@ -53,7 +37,7 @@ type Harness = Awaited<ReturnType<typeof startPooler>>;
 
 /** A proxy with a pool of `poolSize` server connections; closed when `t` ends. */
 async function startPooler(t: Test, env: Record<string, string> = {}, poolSize = 1) {
-  const cp = new FakeControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: secret, allowed_ips: [], connection_rate_limit: null, pool_size: poolSize }, db.port);
+  const cp = new PoolerControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: secret, allowed_ips: [], connection_rate_limit: null, pool_size: poolSize }, db.port);
   const config = loadProxyConfig({
     XENON_PROXY_PORT: '0',
     XENON_PROXY_METRICS_PORT: '0',
@@ -100,111 +84,10 @@ async function startPooler(t: Test, env: Record<string, string> = {}, poolSize =
   return { proxy, cp, cfg, client, raw, pool, stats };
 }
 
-interface Msg {
-  type: string;
-  body: Buffer;
+function rawSession(port: number): Promise<RawSession> {
+  return rawPoolerSession({ port, ca: ca.certPem, servername: `${POOLER}.localtest.me` });
 }
-
-async function rawSession(port: number) {
-  const socket = await new Promise<TLSSocket>((resolve, reject) => {
-    const s = tlsConnect({ host: '127.0.0.1', port, ca: ca.certPem, servername: `${POOLER}.localtest.me`, ALPNProtocols: ['postgresql'] });
-    s.once('secureConnect', () => resolve(s));
-    s.once('error', reject);
-  });
-  socket.on('error', () => {});
-  let buf = Buffer.alloc(0);
-  const msgs: Msg[] = [];
-  let closed = false;
-  let wake: (() => void) | undefined;
-  socket.on('data', (d: Buffer) => {
-    buf = Buffer.concat([buf, d]);
-    while (buf.length >= 5 && buf.length >= 1 + buf.readInt32BE(1)) {
-      const len = buf.readInt32BE(1);
-      msgs.push({ type: String.fromCharCode(buf[0]!), body: buf.subarray(5, 1 + len) });
-      buf = buf.subarray(1 + len);
-    }
-    wake?.();
-  });
-  socket.on('close', () => { closed = true; wake?.(); });
-  const wait = async (done: () => boolean, ms = 10_000): Promise<void> => {
-    const until = Date.now() + ms;
-    while (!done()) {
-      if (Date.now() > until) throw new Error(`timed out; got ${msgs.map((m) => m.type).join('')}`);
-      await new Promise<void>((r) => { wake = r; setTimeout(r, 100); });
-    }
-  };
-  const params = Buffer.from('user\0app\0database\0app\0\0');
-  const head = Buffer.alloc(8);
-  head.writeInt32BE(8 + params.length, 0);
-  head.writeInt32BE(196608, 4);
-  socket.write(Buffer.concat([head, params]));
-  await wait(() => msgs.length > 0);
-  msgs.shift();
-  const session = pgSasl.startSession(['SCRAM-SHA-256']);
-  const resp = Buffer.from(session.response);
-  const init = Buffer.alloc(4);
-  init.writeInt32BE(resp.length);
-  socket.write(msg(0x70, Buffer.from('SCRAM-SHA-256\0'), init, resp));
-  await wait(() => msgs.length > 0);
-  const cont = msgs.shift()!;
-  await pgSasl.continueSession(session, 'app-password', cont.body.subarray(4).toString());
-  socket.write(msg(0x70, Buffer.from(session.response)));
-  await wait(() => msgs.some((m) => m.type === 'Z'));
-  const bk = msgs.find((m) => m.type === 'K')!;
-  msgs.length = 0;
-  return {
-    socket,
-    msgs,
-    key: { pid: bk.body.readInt32BE(0), secret: bk.body.readInt32BE(4) },
-    send: (...m: Buffer[]) => socket.write(Buffer.concat(m)),
-    async until(type: string, n = 1, ms = 10_000) {
-      await wait(() => msgs.filter((m) => m.type === type).length >= n, ms);
-      let seen = 0;
-      const idx = msgs.findIndex((m) => m.type === type && ++seen === n);
-      return msgs.splice(0, idx + 1);
-    },
-    get closed() {
-      return closed;
-    },
-  };
-}
-
-function msg(type: number, ...parts: Buffer[]): Buffer {
-  const body = Buffer.concat(parts);
-  const h = Buffer.alloc(5);
-  h[0] = type;
-  h.writeInt32BE(body.length + 4, 1);
-  return Buffer.concat([h, body]);
-}
-const cstr = (s: string): Buffer => Buffer.from(s + '\0');
-const i16 = (n: number): Buffer => { const b = Buffer.alloc(2); b.writeInt16BE(n); return b; };
-const i32 = (n: number): Buffer => { const b = Buffer.alloc(4); b.writeInt32BE(n); return b; };
-const query = (sql: string): Buffer => msg(0x51, cstr(sql));
-const parse = (name: string, sql: string): Buffer => msg(0x50, cstr(name), cstr(sql), i16(0));
-const bind = (portal: string, stmt: string, values: string[]): Buffer =>
-  msg(0x42, cstr(portal), cstr(stmt), i16(0), i16(values.length), ...values.flatMap((v) => [i32(Buffer.byteLength(v)), Buffer.from(v)]), i16(0));
-const close = (kind: 'S' | 'P', name: string): Buffer => msg(0x43, Buffer.from(kind), cstr(name));
-const execute = (): Buffer => msg(0x45, cstr(''), i32(0));
-const sync = (): Buffer => msg(0x53);
-const flush = (): Buffer => msg(0x48);
-const copyData = (s: string): Buffer => msg(0x64, Buffer.from(s));
-const copyDone = (): Buffer => msg(0x63);
-const types = (m: Msg[]): string => m.filter((x) => x.type !== 'N' && x.type !== 'S').map((x) => x.type).join('');
-function errorOf(m: Msg[]): Record<string, string> {
-  const e = m.find((x) => x.type === 'E');
-  if (!e) return {};
-  const out: Record<string, string> = {};
-  let off = 0;
-  while (e.body[off]) {
-    const end = e.body.indexOf(0, off + 1);
-    out[String.fromCharCode(e.body[off]!)] = e.body.toString('utf8', off + 1, end);
-    off = end + 1;
-  }
-  return out;
-}
-function dataRows(m: Msg[]): string[] {
-  return m.filter((x) => x.type === 'D').map((x) => x.body.toString('utf8', 6, 6 + x.body.readInt32BE(2)));
-}
+const types = (m: Msg[]): string => typesOf(m).join('');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 async function until(cond: () => boolean, ms = 5_000): Promise<boolean> {
   const end = Date.now() + ms;

@@ -9,34 +9,16 @@ import pg from 'pg';
 import postgres from 'postgres';
 import WebSocket from 'ws';
 import { Client as NeonClient, neonConfig } from '@neondatabase/serverless';
-import { connect as tlsConnect, createSecureContext, type TLSSocket } from 'node:tls';
+import { createSecureContext } from 'node:tls';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { createLogger } from '../../lib/logger.ts';
 import { startTestPostgres } from '../helpers/postgres.ts';
-import { pgSasl } from '../helpers/pg-sasl.ts';
+import { bind, close, dataRows, describe, errorOf, execute, flush, msg, parse, PoolerControlPlane, query, rawPoolerSession, sync, tagOf, typesOf, type RawSession } from '../helpers/pooler.ts';
 import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
-import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
 
 const EP = 'ep-pool-1';
 const POOLER = `${EP}-pooler`;
 
-class FakeControlPlane implements ControlPlaneApi {
-  wakes = 0;
-  constructor(
-    public access: EndpointAccess,
-    public port: number,
-  ) {}
-  async getEndpointAccess(endpoint: string): Promise<EndpointAccess | null> {
-    return endpoint === this.access.endpoint_id ? this.access : null;
-  }
-  async wakeCompute(): Promise<ComputeInfo> {
-    this.wakes++;
-    return { endpoint_id: EP, host: '127.0.0.1', port: this.port, cold: false, cache_ttl_ms: 60_000 };
-  }
-  async reportConnections() {
-    return { ok: true as const, invalidate: [], invalidate_access: [] };
-  }
-}
 
 const db = await startTestPostgres(t, 'xenon-pooler-', { max_connections: 60 });
 const admin = new pg.Client(db.admin());
@@ -45,7 +27,7 @@ t.teardown(() => admin.end());
 await admin.query(`CREATE ROLE app LOGIN PASSWORD 'app-password'`);
 await admin.query(`CREATE DATABASE app OWNER app`);
 const { rows } = await admin.query<{ s: string }>(`SELECT rolpassword AS s FROM pg_authid WHERE rolname = 'app'`);
-const cp = new FakeControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: rows[0]!.s, allowed_ips: [], connection_rate_limit: null, pool_size: 3 }, db.port);
+const cp = new PoolerControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: rows[0]!.s, allowed_ips: [], connection_rate_limit: null, pool_size: 3 }, db.port);
 const ca = createCa();
 const cert = createServerCert(ca, '*.localtest.me', [{ dns: '*.localtest.me' }]);
 const config = loadProxyConfig({
@@ -434,108 +416,8 @@ t.test('admin view and metrics', async (t) => {
   t.match(text, /xenon_proxy_sessions_opened_total\{protocol="tcp",kind="pooler"\} [1-9]/);
 });
 
-// ---- a minimal raw protocol client over TLS (messages in, messages out)
-
-interface Msg { type: string; body: Buffer }
-
-async function rawSession(): Promise<{ socket: TLSSocket; send(...m: Buffer[]): void; until(type: string, n?: number): Promise<Msg[]>; untilClosed(): Promise<Msg[]> }> {
-  const socket = await new Promise<TLSSocket>((resolve, reject) => {
-    const s = tlsConnect({ host: '127.0.0.1', port: proxy.address.port, ca: ca.certPem, servername: `${POOLER}.localtest.me`, ALPNProtocols: ['postgresql'] });
-    s.once('secureConnect', () => resolve(s));
-    s.once('error', reject);
-  });
-  socket.on('error', () => {});
-  let buf = Buffer.alloc(0);
-  const msgs: Msg[] = [];
-  let closed = false;
-  let wake: (() => void) | undefined;
-  socket.on('data', (d: Buffer) => {
-    buf = Buffer.concat([buf, d]);
-    while (buf.length >= 5 && buf.length >= 1 + buf.readInt32BE(1)) {
-      const len = buf.readInt32BE(1);
-      msgs.push({ type: String.fromCharCode(buf[0]!), body: buf.subarray(5, 1 + len) });
-      buf = buf.subarray(1 + len);
-    }
-    wake?.();
-  });
-  socket.on('close', () => { closed = true; wake?.(); });
-  const wait = async (done: () => boolean): Promise<void> => {
-    const until = Date.now() + 10_000;
-    while (!done()) {
-      if (Date.now() > until) throw new Error(`timed out; got ${msgs.map((m) => m.type).join('')}`);
-      await new Promise<void>((r) => { wake = r; setTimeout(r, 100); });
-    }
-  };
-  // Startup over TLS (we connect with TLS directly: pg's SSLRequest dance is not needed with ALPN).
-  const params = Buffer.from('user\0app\0database\0app\0\0');
-  const head = Buffer.alloc(8);
-  head.writeInt32BE(8 + params.length, 0);
-  head.writeInt32BE(196608, 4);
-  socket.write(Buffer.concat([head, params]));
-  // SCRAM through pg's implementation.
-  await wait(() => msgs.length > 0);
-  const sasl = msgs.shift()!;
-  if (sasl.type !== 'R') throw new Error(`expected R, got ${sasl.type}`);
-  const session = pgSasl.startSession(['SCRAM-SHA-256']);
-  const resp = Buffer.from(session.response);
-  const init = Buffer.alloc(4);
-  init.writeInt32BE(resp.length);
-  socket.write(msg(0x70, Buffer.from('SCRAM-SHA-256\0'), init, resp));
-  await wait(() => msgs.length > 0);
-  const cont = msgs.shift()!;
-  await pgSasl.continueSession(session, 'app-password', cont.body.subarray(4).toString());
-  socket.write(msg(0x70, Buffer.from(session.response)));
-  await wait(() => msgs.some((m) => m.type === 'Z'));
-  msgs.length = 0;
-  return {
-    socket,
-    send: (...m: Buffer[]) => socket.write(Buffer.concat(m)),
-    async until(type: string, n = 1) {
-      await wait(() => msgs.filter((m) => m.type === type).length >= n);
-      let seen = 0;
-      const idx = msgs.findIndex((m) => m.type === type && ++seen === n);
-      return msgs.splice(0, idx + 1);
-    },
-    async untilClosed() {
-      await wait(() => closed);
-      return msgs.splice(0);
-    },
-  };
+// ---- a raw protocol client over TLS (test/helpers/pooler.ts)
+function rawSession(): Promise<RawSession> {
+  return rawPoolerSession({ port: proxy.address.port, ca: ca.certPem, servername: `${POOLER}.localtest.me` });
 }
-
-function msg(type: number, ...parts: Buffer[]): Buffer {
-  const body = Buffer.concat(parts);
-  const h = Buffer.alloc(5);
-  h[0] = type;
-  h.writeInt32BE(body.length + 4, 1);
-  return Buffer.concat([h, body]);
-}
-const cstr = (s: string): Buffer => Buffer.from(s + '\0');
-const i16 = (n: number): Buffer => { const b = Buffer.alloc(2); b.writeInt16BE(n); return b; };
-const i32 = (n: number): Buffer => { const b = Buffer.alloc(4); b.writeInt32BE(n); return b; };
-const query = (sql: string): Buffer => msg(0x51, cstr(sql));
-const parse = (name: string, sql: string): Buffer => msg(0x50, cstr(name), cstr(sql), i16(0));
-const bind = (portal: string, stmt: string, values: string[]): Buffer =>
-  msg(0x42, cstr(portal), cstr(stmt), i16(0), i16(values.length), ...values.flatMap((v) => [i32(Buffer.byteLength(v)), Buffer.from(v)]), i16(0));
-const describe = (kind: 'S' | 'P', name: string): Buffer => msg(0x44, Buffer.from(kind), cstr(name));
-const close = (kind: 'S' | 'P', name: string): Buffer => msg(0x43, Buffer.from(kind), cstr(name));
-const execute = (): Buffer => msg(0x45, cstr(''), i32(0));
-const sync = (): Buffer => msg(0x53);
-const flush = (): Buffer => msg(0x48);
-const types = (m: Msg[]): string[] => m.filter((x) => x.type !== 'N' && x.type !== 'S').map((x) => x.type);
-function errorOf(m: Msg[]): Record<string, string> {
-  const e = m.find((x) => x.type === 'E');
-  if (!e) return {};
-  const out: Record<string, string> = {};
-  let off = 0;
-  while (e.body[off]) {
-    const end = e.body.indexOf(0, off + 1);
-    out[String.fromCharCode(e.body[off]!)] = e.body.toString('utf8', off + 1, end);
-    off = end + 1;
-  }
-  return out;
-}
-const tagOf = (m: Msg[]): string => m.find((x) => x.type === 'C')!.body.toString('utf8').replace(/\0$/, '');
-function dataRows(m: Msg[]): string[] {
-  return m.filter((x) => x.type === 'D').map((x) => x.body.toString('utf8', 6, 6 + x.body.readInt32BE(2)));
-}
+const types = typesOf;
