@@ -73,6 +73,18 @@ async function writeFileDurably(path: string, data: Buffer, runAs: RunAs | undef
 }
 
 export async function restoreWal(dataDir: string, src: WalSource, runAs: RunAs | undefined, logger: Logger): Promise<WalRestoreResult> {
+  const out = await restore(dataDir, src, runAs, logger);
+  // An archive recovery that was interrupted (killed, timed out) left recovery.signal behind:
+  // Postgres refuses to start in archive recovery without a restore_command, so every start
+  // after it needs the same settings until a recovery completes and removes the file.
+  if (!Object.keys(out.settings).length && (await stat(join(dataDir, 'recovery.signal')).then(() => true, () => false))) {
+    out.settings = { ...RECOVERY_FROM_PG_WAL };
+    logger.warn('an interrupted archive recovery left recovery.signal: recovering from pg_wal again', { dataDir });
+  }
+  return out;
+}
+
+async function restore(dataDir: string, src: WalSource, runAs: RunAs | undefined, logger: Logger): Promise<WalRestoreResult> {
   const upTo = parseLsn(src.upTo);
   const out: WalRestoreResult = { restored: [], checked: 0, settings: {} };
   if (upTo === 0n) return out;

@@ -108,13 +108,17 @@ export class SafekeeperSet {
     let accepted = 0;
     const progress = { errors: '', done: false };
     let onQuorum!: () => void;
-    const quorum = new Promise<void>((r) => (onQuorum = r));
+    let onFenced!: (err: XenonError) => void;
+    const quorum = new Promise<void>((resolve, reject) => { onQuorum = resolve; onFenced = reject; });
     const attempt = (m: Member, delay: number): void => {
       m.client.follow(timelineId, reqFor(m)).then(
         () => { if (++accepted === this.quorum) onQuorum(); },
         (err: Error) => {
           if (err instanceof XenonError && err.code === 'SK_GENERATION_FENCED') {
+            // The metadata's generation is behind a safekeeper's (a restored metadata database?):
+            // no retry can fix that; say so now rather than time out without a reason.
             this.logger.error('safekeeper already follows a newer generation', { safekeeper: m.id, timelineId, generation, err: err.message });
+            onFenced(new XenonError('CP_SAFEKEEPERS_UNAVAILABLE', `safekeeper ${m.id} already follows a newer compute generation of ${timelineId} than ${generation}: ${err.message}`, { retryable: false }));
             return;
           }
           this.logger.warn('safekeeper did not accept the compute; retrying', { safekeeper: m.id, timelineId, generation, err: err.message, retryInMs: delay });

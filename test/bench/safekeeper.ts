@@ -1,6 +1,6 @@
 /**
  * Quorum-commit benchmark (not a tap test; run by hand on a quiet machine):
- *   node --import tsx test/bench/safekeeper.ts [seconds=5] [rounds=3] [sync methods=open_datasync,fdatasync]
+ *   node --import tsx test/bench/safekeeper.ts [seconds=5] [rounds=3] [sync methods=open_datasync_inline,open_datasync,fdatasync]
  * One PG 15 cluster; pgbench TPC-B -c 4 and -c 1 with (a) no standbys, (b) pg_receivewal ×3
  * (--synchronous) in ANY 2, (c) Xenon safekeepers ×3 (separate processes) in ANY 2 per sync
  * method. Configurations are interleaved for `rounds` rounds and medians reported, so that load
@@ -14,7 +14,7 @@ import { computeOf, PG_BIN, REPL_SETTINGS, runTool, spawnSafekeeper, startReceiv
 
 const seconds = Number(process.argv[2] ?? 5);
 const rounds = Number(process.argv[3] ?? 3);
-const methods = (process.argv[4] ?? 'open_datasync,fdatasync').split(',');
+const methods = (process.argv[4] ?? 'open_datasync_inline,open_datasync,fdatasync').split(',');
 type Teardown = { teardown(fn: () => unknown): void };
 const outer: (() => unknown)[] = [];
 const t: Teardown = { teardown: (fn) => void outer.push(fn) };

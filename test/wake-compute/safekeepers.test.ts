@@ -83,3 +83,18 @@ t.test('safekeepers that cannot stream from the compute fail the start with thei
   t.match((err as Error).message, /fewer than 2 safekeepers stream from the compute.*password authentication failed/);
   t.ok(Date.now() - t0 < 6000, 'within the timeout');
 });
+
+t.test('a safekeeper that already follows a newer generation fails the start at once, naming it', async (t) => {
+  const root = tempDir(t, 'xenon-cp-sk-');
+  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => startTestSafekeeper(t, id, join(root, id))));
+  const set = new SafekeeperSet(sks.map((s, i) => ({ id: `sk${i + 1}`, url: s.url })), logger, { maxSlotWalKeepSize: '1GB', stopWaitMs: 1000 });
+  t.teardown(() => set.close());
+  const compute = await startTestPostgres(t, 'xenon-cp-sk-pg-', set.computeSettings(5));
+  // sk2 was told about generation 9 (say the metadata database was restored from a backup since).
+  await new SafekeeperClient(sks[1]!.url).follow(TL, { generation: 9, compute: computeOf(compute) });
+  const t0 = Date.now();
+  const err = await set.follow(TL, 5, computeOf(compute), '0/0', 8000).catch((e: unknown) => e);
+  t.ok(err instanceof XenonError && err.code === 'CP_SAFEKEEPERS_UNAVAILABLE', 'CP_SAFEKEEPERS_UNAVAILABLE');
+  t.match((err as Error).message, /safekeeper sk2 already follows a newer compute generation of br-cp-side than 5/);
+  t.ok(Date.now() - t0 < 3000, `at once, not after the timeout (${Date.now() - t0} ms)`);
+});
