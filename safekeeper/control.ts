@@ -36,6 +36,16 @@ export interface ControlState {
    * them), asked for WAL the compute no longer has. Optional: older control files have none.
    */
   peers?: string[];
+  /**
+   * A generation change's WAL cut not yet known to be durable: written together with the new
+   * generation, redone at load before anything else, cleared once the cut is synced.
+   */
+  pendingTruncateLsn?: bigint;
+  /**
+   * The stored generation came from an unfollow (`DELETE …/compute?generation=N`) only: a later
+   * follow of that same generation still performs the generation change (the truncation).
+   */
+  unfollowedOnly?: boolean;
 }
 
 interface ControlJson {
@@ -48,6 +58,8 @@ interface ControlJson {
   flush_lsn: string;
   history: { tli: number; switch_lsn: string }[];
   peers?: string[];
+  pending_truncate_lsn?: string;
+  unfollowed_only?: boolean;
 }
 
 export function serializeControl(s: ControlState): string {
@@ -62,6 +74,8 @@ export function serializeControl(s: ControlState): string {
     history: s.history.map((h) => ({ tli: h.tli, switch_lsn: formatLsn(h.switchLsn) })),
   };
   if (s.peers !== undefined) j.peers = s.peers;
+  if (s.pendingTruncateLsn !== undefined) j.pending_truncate_lsn = formatLsn(s.pendingTruncateLsn);
+  if (s.unfollowedOnly) j.unfollowed_only = true;
   return JSON.stringify(j, null, 2) + '\n';
 }
 
@@ -92,10 +106,13 @@ export function parseControl(text: string, path: string): ControlState {
   if (j.peers !== undefined && (!Array.isArray(j.peers) || j.peers.length > 64 || !j.peers.every((u) => typeof u === 'string' && u.length <= 2048))) {
     throw corrupt(path, 'peers invalid');
   }
+  if (j.unfollowed_only !== undefined && typeof j.unfollowed_only !== 'boolean') throw corrupt(path, 'unfollowed_only invalid');
   let flushLsn: bigint;
   let history: TimelineSwitch[];
+  let pendingTruncateLsn: bigint | undefined;
   try {
     flushLsn = parseLsn(String(j.flush_lsn));
+    if (j.pending_truncate_lsn !== undefined) pendingTruncateLsn = parseLsn(String(j.pending_truncate_lsn));
     if (!Array.isArray(j.history)) throw new Error('history is not an array');
     history = j.history.map((h) => {
       if (!isInt(h.tli, 1, 0xffff_ffff)) throw new Error('history tli invalid');
@@ -113,6 +130,8 @@ export function parseControl(text: string, path: string): ControlState {
     flushLsn,
     history,
     ...(j.peers !== undefined ? { peers: [...j.peers] } : {}),
+    ...(pendingTruncateLsn !== undefined ? { pendingTruncateLsn } : {}),
+    ...(j.unfollowed_only ? { unfollowedOnly: true } : {}),
   };
 }
 

@@ -344,7 +344,10 @@ export class SegmentStore {
       if (name.endsWith(PREALLOC_SUFFIX) || name.endsWith('.tmp')) await rm(join(this.dir, name), { force: true });
     }
     const cut = segmentOf(lsn);
-    for (const f of await this.list()) {
+    // Highest first: a crash part-way never leaves a later segment after a gap (which the
+    // recovery at load would count as held WAL); the pending cut is redone at load anyway.
+    const files = (await this.list()).sort((a, b) => (a.kind !== b.kind ? (a.kind === 'segment' ? -1 : 1) : a.segno! > b.segno! ? -1 : a.segno! < b.segno! ? 1 : b.tli! - a.tli!));
+    for (const f of files) {
       if (f.kind !== 'segment') {
         if (f.kind === 'history' && f.tli! > tli) await rm(join(this.dir, f.name), { force: true });
         continue;

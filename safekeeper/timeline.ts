@@ -183,10 +183,28 @@ export class Timeline {
       return new Timeline(id, dir, null, xe, deps);
     }
     const tl = new Timeline(id, dir, state, null, deps);
+    let from = state.flushLsn;
+    let rewrite = false;
+    if (state.pendingTruncateLsn !== undefined) {
+      // A generation change crashed before its WAL cut was durable: redo the cut before anything
+      // else (the files may hold WAL past start_lsn, or a later segment after a gap).
+      const lsn = state.pendingTruncateLsn;
+      try {
+        await tl.cutFiles(lsn);
+      } catch (err) {
+        const xe = new XenonError('SK_UNAVAILABLE', `timeline ${id}: redoing the interrupted truncation to ${formatLsn(lsn)} failed: ${(err as Error).message}`, { cause: err });
+        deps.logger.error('timeline truncation could not be redone; not following', { timelineId: id, err: xe });
+        return new Timeline(id, dir, null, xe, deps);
+      }
+      tl.log.warn('redid an interrupted truncation', { to: formatLsn(lsn) });
+      delete state.pendingTruncateLsn;
+      if (lsn < from) from = lsn;
+      rewrite = true;
+    }
     if (state.pgTimeline > 0) {
       let end: bigint;
       try {
-        end = await tl.store.recoverEnd(state.pgTimeline, state.flushLsn);
+        end = await tl.store.recoverEnd(state.pgTimeline, from);
       } catch (err) {
         const xe = new XenonError('SK_UNAVAILABLE', `timeline ${id}: reading its WAL files failed: ${(err as Error).message}`, { cause: err });
         deps.logger.error('timeline WAL files unreadable; not following', { timelineId: id, err: xe });
@@ -194,8 +212,9 @@ export class Timeline {
       }
       if (end !== state.flushLsn) tl.log.info('flush position recovered from the WAL files', { control: formatLsn(state.flushLsn), files: formatLsn(end) });
       tl.flushLsn = tl.writeLsn = end;
-      if (end !== state.flushLsn) await tl.persist();
+      if (end !== state.flushLsn) rewrite = true;
     }
+    if (rewrite) await tl.persist();
     return tl;
   }
 
@@ -233,7 +252,7 @@ export class Timeline {
           userMessage: `generation ${req.generation} is fenced: this timeline already follows generation ${s.generation}`,
         });
       }
-      if (req.generation === s.generation) {
+      if (req.generation === s.generation && !s.unfollowedOnly) {
         const same = s.compute && sameTarget(s.compute, req.compute);
         const peersChanged = req.peers !== undefined && !samePeers(s.peers, req.peers);
         if (peersChanged) s.peers = req.peers;
@@ -252,13 +271,18 @@ export class Timeline {
       // Until the cut is done, status and WAL reads wait: a peer recovering from us must never see
       // the new generation together with WAL past start_lsn, nor read WAL that is being cut.
       const change = (async () => {
-        s.generation = req.generation;
-        s.compute = req.compute;
-        if (req.peers !== undefined) s.peers = req.peers;
-        await this.persist();
+        // Stop the old stream first so that the flush LSN no longer moves, then persist the fence
+        // together with the cut still to do (redone at load if we crash before it is durable).
         await this.stopFollower();
         this.computeLsn = null;
-        if (req.startLsn !== undefined && req.startLsn < this.flushLsn) await this.truncateTo(req.startLsn);
+        s.generation = req.generation;
+        s.compute = req.compute;
+        delete s.unfollowedOnly;
+        if (req.peers !== undefined) s.peers = req.peers;
+        const cut = req.startLsn !== undefined && req.startLsn < this.flushLsn ? req.startLsn : undefined;
+        if (cut !== undefined) s.pendingTruncateLsn = cut;
+        await this.persist();
+        if (cut !== undefined) await this.truncateTo(cut);
       })();
       this.changing = change;
       try {
@@ -279,6 +303,9 @@ export class Timeline {
           userMessage: `generation ${generation} is fenced: this timeline already follows generation ${s.generation}`,
         });
       }
+      // A higher generation is recorded (it fences older computes) but marked: the follow of that
+      // generation that comes later must still do the generation change's truncation.
+      if (generation > s.generation) s.unfollowedOnly = true;
       s.generation = generation;
       s.compute = null;
       await this.stopFollower();
@@ -309,18 +336,25 @@ export class Timeline {
   }
 
   private async truncateTo(lsn: bigint): Promise<void> {
+    this.log.warn('truncating WAL past the new compute\'s start LSN', { from: formatLsn(this.flushLsn), to: formatLsn(lsn) });
+    await this.cutFiles(lsn);
+    this.flushLsn = this.writeLsn = lsn;
+    delete this.requireState().pendingTruncateLsn; // the cut is durable (store.truncate synced it)
+    await this.persist();
+  }
+
+  /** Cuts the files at `lsn` (durably) and drops newer Postgres timelines from the state (not persisted). */
+  private async cutFiles(lsn: bigint): Promise<void> {
     const s = this.requireState();
+    if (s.pgTimeline === 0) return;
     // The Postgres timeline holding `lsn`: the first one that ended at or after it.
     let tli = s.pgTimeline;
     for (const h of s.history) {
       if (lsn <= h.switchLsn) { tli = h.tli; break; }
     }
-    this.log.warn('truncating WAL past the new compute\'s start LSN', { from: formatLsn(this.flushLsn), to: formatLsn(lsn), pgTimeline: tli });
     await this.store.truncate(tli, lsn);
     s.history = s.history.filter((h) => h.tli < tli);
     s.pgTimeline = tli;
-    this.flushLsn = this.writeLsn = lsn;
-    await this.persist();
   }
 
   // ---------------------------------------------------------------- persistence
