@@ -46,6 +46,11 @@ export interface ControlState {
    * follow of that same generation still performs the generation change (the truncation).
    */
   unfollowedOnly?: boolean;
+  /**
+   * The follow request's `start_lsn` (everything before it is on a quorum), remembered until the
+   * first connection decides where this safekeeper's WAL starts (`pgTimeline` 0).
+   */
+  joinStartLsn?: bigint;
 }
 
 interface ControlJson {
@@ -60,6 +65,7 @@ interface ControlJson {
   peers?: string[];
   pending_truncate_lsn?: string;
   unfollowed_only?: boolean;
+  join_start_lsn?: string;
 }
 
 export function serializeControl(s: ControlState): string {
@@ -76,6 +82,7 @@ export function serializeControl(s: ControlState): string {
   if (s.peers !== undefined) j.peers = s.peers;
   if (s.pendingTruncateLsn !== undefined) j.pending_truncate_lsn = formatLsn(s.pendingTruncateLsn);
   if (s.unfollowedOnly) j.unfollowed_only = true;
+  if (s.joinStartLsn !== undefined) j.join_start_lsn = formatLsn(s.joinStartLsn);
   return JSON.stringify(j, null, 2) + '\n';
 }
 
@@ -110,9 +117,11 @@ export function parseControl(text: string, path: string): ControlState {
   let flushLsn: bigint;
   let history: TimelineSwitch[];
   let pendingTruncateLsn: bigint | undefined;
+  let joinStartLsn: bigint | undefined;
   try {
     flushLsn = parseLsn(String(j.flush_lsn));
     if (j.pending_truncate_lsn !== undefined) pendingTruncateLsn = parseLsn(String(j.pending_truncate_lsn));
+    if (j.join_start_lsn !== undefined) joinStartLsn = parseLsn(String(j.join_start_lsn));
     if (!Array.isArray(j.history)) throw new Error('history is not an array');
     history = j.history.map((h) => {
       if (!isInt(h.tli, 1, 0xffff_ffff)) throw new Error('history tli invalid');
@@ -132,6 +141,7 @@ export function parseControl(text: string, path: string): ControlState {
     ...(j.peers !== undefined ? { peers: [...j.peers] } : {}),
     ...(pendingTruncateLsn !== undefined ? { pendingTruncateLsn } : {}),
     ...(j.unfollowed_only ? { unfollowedOnly: true } : {}),
+    ...(joinStartLsn !== undefined ? { joinStartLsn } : {}),
   };
 }
 

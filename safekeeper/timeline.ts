@@ -218,9 +218,13 @@ export class Timeline {
     return tl;
   }
 
-  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget; peers?: string[] }, deps: TimelineDeps): Promise<Timeline> {
+  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget; peers?: string[]; startLsn?: bigint }, deps: TimelineDeps): Promise<Timeline> {
     await mkdir(join(dir, 'wal'), { recursive: true, mode: 0o700 });
-    const state: ControlState = { timelineId: id, generation: req.generation, compute: req.compute, systemId: null, pgTimeline: 0, flushLsn: 0n, history: [], ...(req.peers ? { peers: req.peers } : {}) };
+    const state: ControlState = {
+      timelineId: id, generation: req.generation, compute: req.compute, systemId: null, pgTimeline: 0, flushLsn: 0n, history: [],
+      ...(req.peers ? { peers: req.peers } : {}),
+      ...(req.startLsn !== undefined && req.startLsn > 0n ? { joinStartLsn: req.startLsn } : {}),
+    };
     await writeControl(dir, state);
     return new Timeline(id, dir, state, null, deps);
   }
@@ -251,6 +255,10 @@ export class Timeline {
         throw new XenonError('SK_GENERATION_FENCED', `generation ${req.generation} < stored ${s.generation} for ${this.id}`, {
           userMessage: `generation ${req.generation} is fenced: this timeline already follows generation ${s.generation}`,
         });
+      }
+      if (s.pgTimeline === 0 && req.startLsn !== undefined && req.startLsn > 0n && s.joinStartLsn !== req.startLsn) {
+        s.joinStartLsn = req.startLsn; // persisted below or with the generation change
+        if (req.generation === s.generation && !s.unfollowedOnly) await this.persist();
       }
       if (req.generation === s.generation && !s.unfollowedOnly) {
         const same = s.compute && sameTarget(s.compute, req.compute);
@@ -578,9 +586,12 @@ export class Timeline {
       }
       await this.ensureSlot(client, slot);
       if (s.pgTimeline === 0) {
-        // A new timeline: begin at the start of the segment holding the compute's WAL position.
+        // A new timeline here: begin where its WAL on the other safekeepers begins (see joinPoint).
+        const start = await this.joinPoint(session, systemId, xlogpos);
+        if (session.stopped) return;
         s.pgTimeline = serverTli;
-        this.flushLsn = this.writeLsn = segmentStart(segmentOf(xlogpos));
+        this.flushLsn = this.writeLsn = start;
+        delete s.joinStartLsn;
         await this.persist();
       }
       while (!session.stopped) {
@@ -607,6 +618,46 @@ export class Timeline {
       client.end().catch(() => {});
       void clientError;
     }
+  }
+
+  /**
+   * Where a safekeeper new to a timeline starts: the start of the segment holding the lowest of
+   * what is known about where this timeline's WAL starts — the first LSN held by each peer of the
+   * same system id and generation, and the follow request's `start_lsn` (everything before it is
+   * on a quorum already). The flush LSN reported to the compute begins there, a claim only about
+   * WAL that predates every safekeeper; a commit the compute still waits for is past it. Only when
+   * nothing is known (no peer holds the timeline, no start_lsn) the compute's current position is
+   * used, as pg_receivewal does. A peer that cannot be asked while nothing else is known makes us
+   * retry (starting at the current position then could release a commit no quorum holds).
+   */
+  private async joinPoint(session: Session, systemId: string, xlogpos: bigint): Promise<bigint> {
+    const s = this.requireState();
+    const known: bigint[] = [];
+    if (s.joinStartLsn !== undefined && s.joinStartLsn > 0n) known.push(s.joinStartLsn);
+    const unreachable: string[] = [];
+    const stopped = session.stopSignal.then(() => { throw new StreamError('stopped'); });
+    stopped.catch(() => {});
+    for (const url of s.peers ?? []) {
+      let st;
+      try {
+        st = await Promise.race([new SafekeeperClient(url, { timeoutMs: PEER_TIMEOUT_MS }).status(this.id), stopped]);
+      } catch (err) {
+        if (session.stopped) return xlogpos;
+        unreachable.push(`${url}: ${(err as Error).message}`);
+        continue;
+      }
+      if (!st || st.pg_timeline === 0 || st.system_id !== systemId || st.generation !== s.generation) continue;
+      known.push(parseLsn(st.start_lsn));
+    }
+    if (known.length === 0) {
+      if (unreachable.length > 0) throw new StreamError(`cannot tell where this timeline's WAL starts on the other safekeepers (${unreachable.join('; ')}); not starting at the compute's current position`);
+      this.log.info('no safekeeper holds this timeline yet: starting at the compute\'s position', { xlogpos: formatLsn(xlogpos) });
+      return segmentStart(segmentOf(xlogpos));
+    }
+    let min = xlogpos;
+    for (const k of known) if (k < min) min = k;
+    this.log.info('joining the timeline where its WAL starts on the other safekeepers', { start: formatLsn(segmentStart(segmentOf(min))), xlogpos: formatLsn(xlogpos) });
+    return segmentStart(segmentOf(min));
   }
 
   /** `SHOW xenon.generation`: null when the compute has no such setting (or it is empty). */
