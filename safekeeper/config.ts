@@ -21,6 +21,12 @@ export interface SafekeeperConfig {
   readonly syncMethod: 'fdatasync' | 'open_datasync' | 'open_datasync_inline';
   readonly logLevel: LogLevel;
   readonly exitWithParent: boolean;
+  /**
+   * Test only (`XENON_SAFEKEEPER_TEST_WRITE_MS_PER_MIB`, default 0): every WAL data write takes
+   * this much longer per MiB, inside the write — blocking the event loop for an inline write, on
+   * the thread-pool side otherwise — as a slow disk would.
+   */
+  readonly testWriteMsPerMiB: number;
 }
 
 /** Slot names allow lower-case letters, digits and underscores only (at most 63). */
@@ -43,5 +49,6 @@ export function loadSafekeeperConfig(env: Env = process.env, argv: readonly stri
     syncMethod: syncMethodOf(c.string('XENON_SAFEKEEPER_SYNC_METHOD', 'open_datasync_inline', 'sync-method')),
     logLevel: c.logLevel(),
     exitWithParent: c.bool('XENON_EXIT_WITH_PARENT', false),
+    testWriteMsPerMiB: c.int('XENON_SAFEKEEPER_TEST_WRITE_MS_PER_MIB', 0, { min: 0, max: 60_000 }),
   });
 }

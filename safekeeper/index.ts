@@ -152,7 +152,7 @@ export async function startSafekeeper(config: SafekeeperConfig, deps: Safekeeper
     safekeeperId: config.id,
     logger: log,
     metrics,
-    storeHooks: deps.beforeWrite ? { beforeWrite: deps.beforeWrite } : undefined,
+    storeHooks: deps.beforeWrite || config.testWriteMsPerMiB ? { beforeWrite: deps.beforeWrite, writeMsPerMiB: config.testWriteMsPerMiB || undefined } : undefined,
     onSegmentComplete: deps.onSegmentComplete,
     syncMethod: config.syncMethod,
   };

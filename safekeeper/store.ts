@@ -16,6 +16,8 @@ import { fsyncDir } from './control.ts';
 const SEG = BigInt(WAL_SEGMENT_SIZE);
 const XLOG_BLCKSZ = 8192;
 const PREALLOC_SUFFIX = '.prealloc';
+/** `open_datasync_inline`: batches up to this size are written synchronously; larger ones on the thread pool. */
+export const INLINE_WRITE_MAX = 256 * 1024;
 /** Reused zero buffer for pre-filling segments and zeroing truncated tails. */
 let zeroSegment: Buffer | undefined;
 const zeros = (): Buffer => (zeroSegment ??= Buffer.alloc(WAL_SEGMENT_SIZE));
@@ -29,6 +31,8 @@ export interface StoreHooks {
   onBytes?(n: number): void;
   /** Test hook: throw to simulate a failing disk (called before every data write). */
   beforeWrite?(): void;
+  /** Test hook: a slow disk — every data write takes this much longer per MiB (inside the write). */
+  writeMsPerMiB?: number;
   /** A segment became complete: synced, renamed to its final name, directory synced. */
   onComplete?(e: { tli: number; segno: bigint; path: string }): void;
 }
@@ -148,6 +152,11 @@ export class SegmentStore {
    * here. Returns the end LSN.
    */
   async write(tli: number, lsn: bigint, chunks: readonly Buffer[]): Promise<bigint> {
+    let total = 0;
+    for (const c of chunks) total += c.length;
+    // Inline (synchronous on the event loop) only for small batches: a large one (a burst, a
+    // 4 MiB piece of peer recovery) would hold up every other timeline and HTTP request.
+    const inline = this.syncMethod === 'open_datasync_inline' && total <= INLINE_WRITE_MAX;
     let pos = lsn;
     let pieces: Buffer[] = [];
     let piecesStart = lsn;
@@ -156,7 +165,15 @@ export class SegmentStore {
       const seg = await this.openSegment(tli, segmentOf(piecesStart));
       this.hooks.beforeWrite?.();
       const t0 = performance.now();
-      const n = this.syncMethod === 'open_datasync_inline' ? writeAllSync(seg.fh.fd, pieces, Number(piecesStart % SEG)) : await writeAll(seg.fh, pieces, Number(piecesStart % SEG));
+      const slow = this.hooks.writeMsPerMiB ? (this.hooks.writeMsPerMiB * pieces.reduce((a, b) => a + b.length, 0)) / (1024 * 1024) : 0;
+      let n: number;
+      if (inline) {
+        if (slow > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, slow); // a slow synchronous syscall
+        n = writeAllSync(seg.fh.fd, pieces, Number(piecesStart % SEG));
+      } else {
+        if (slow > 0) await new Promise((r) => setTimeout(r, slow)); // the same, on the thread pool
+        n = await writeAll(seg.fh, pieces, Number(piecesStart % SEG));
+      }
       if (this.syncMethod !== 'fdatasync') this.hooks.onSync?.((performance.now() - t0) / 1000);
       else seg.dirty = true;
       this.hooks.onBytes?.(n);

@@ -38,7 +38,7 @@ export interface TimelineDeps {
   logger: Logger;
   metrics: SafekeeperMetrics;
   /** Test hooks for the store (e.g. an injected write error). */
-  storeHooks?: Pick<StoreHooks, 'beforeWrite'>;
+  storeHooks?: Pick<StoreHooks, 'beforeWrite' | 'writeMsPerMiB'>;
   /** See {@link SegmentCompleteEvent}. */
   onSegmentComplete?(e: SegmentCompleteEvent): void;
   syncMethod?: SyncMethod;
@@ -161,6 +161,7 @@ export class Timeline {
       onSync: (s) => m.fsyncSeconds.observe(s),
       onBytes: (n) => m.bytesWritten.inc({ timeline_id: id }, n),
       beforeWrite: deps.storeHooks?.beforeWrite,
+      writeMsPerMiB: deps.storeHooks?.writeMsPerMiB,
       onComplete: (e) => {
         try {
           deps.onSegmentComplete?.({ timelineId: id, pgTimeline: e.tli, segno: e.segno, fileName: basename(e.path), path: e.path });
