@@ -255,7 +255,11 @@ t.test('SQL over HTTP', async (t) => {
     t.equal(partial.body.code, '42P01');
     const rows = await admin.query('SELECT id FROM items ORDER BY id');
     t.same(rows.rows.map((r) => r.id), [10, 11], 'nothing of the failed batches was committed');
-    t.equal(await pidOf(), before, 'the connection was rolled back and reused');
+    // The pool may hold a second idle connection by now (one opened while the first was being
+    // reset): what matters is that the failed batches' connection was rolled back and kept.
+    await settled();
+    const kept = await sqlBackends();
+    t.ok(kept.some((b) => String(b.pid) === before && b.state === 'idle'), `the connection was rolled back and kept (backend ${before} idle among ${JSON.stringify(kept.map((b) => [b.pid, b.state]))})`);
 
     const bad = await post({ queries: [{ query: 'SELECT 1' }] }, { ...RAW, 'Neon-Batch-Isolation-Level': 'Chaos' });
     t.equal(bad.status, 400);
