@@ -648,7 +648,10 @@ export class Timeline {
         continue;
       }
       if (!st || st.pg_timeline === 0 || st.system_id !== systemId || st.generation !== s.generation) continue;
-      known.push(parseLsn(st.start_lsn));
+      // A peer joining at the same moment may not know its own start yet (0/0): it holds nothing.
+      const start = parseLsn(st.start_lsn);
+      if (start === 0n) continue;
+      known.push(start);
     }
     if (known.length === 0) {
       if (unreachable.length > 0) throw new StreamError(`cannot tell where this timeline's WAL starts on the other safekeepers (${unreachable.join('; ')}); not starting at the compute's current position`);

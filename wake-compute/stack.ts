@@ -62,10 +62,21 @@ export async function startMetadataCluster(stateDir: string, env: Env, log: (m: 
     await writeJsonAtomic(infoPath, info);
   }
   const wanted = Number(env.XENON_METADATA_PORT) || info.port || 55432;
-  const port = await findFreePort(wanted, wanted).catch(() => findFreePort(55000, 55430));
-  if (port !== info.port) await writeJsonAtomic(infoPath, { ...info, port });
   await mkdir(join(stateDir, 'logs'), { recursive: true });
-  const proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(stateDir, 'logs', 'metadata-postgres.log'), settings: { max_connections: 50 } });
+  // A port free when probed can be taken before postgres binds it (another process's outgoing
+  // connection, a second stack starting): then try another.
+  let port = await findFreePort(wanted, wanted).catch(() => findFreePort(55000, 55430));
+  let proc: PostgresProcess | undefined;
+  for (let attempt = 0; !proc; attempt++) {
+    try {
+      proc = await PostgresProcess.start({ bin, dataDir, port, runAs, logFile: join(stateDir, 'logs', 'metadata-postgres.log'), settings: { max_connections: 50 } });
+    } catch (err) {
+      if (attempt >= 3 || !String((err as Error).message).includes('could not bind')) throw err;
+      log(`port ${port} was taken while the metadata cluster started; trying another`);
+      port = await findFreePort(55000, 55430);
+    }
+  }
+  if (port !== info.port) await writeJsonAtomic(infoPath, { ...info, port });
   const admin = new pg.Client({ host: '127.0.0.1', port, user: 'xenon', password: info.password, database: 'postgres' });
   admin.on('error', () => { /* surfaces as the failing query's rejection */ });
   try {
