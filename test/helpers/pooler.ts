@@ -4,8 +4,26 @@
  * as the test writes them), and frontend message builders / backend message readers.
  */
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import pg from 'pg';
 import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
 import { pgSasl } from './pg-sasl.ts';
+import { startTestPostgres, type TestPostgres } from './postgres.ts';
+
+/**
+ * A real Postgres with role `app` (password `app-password`) owning database `app`: the role's
+ * SCRAM secret (what the control plane would hand the proxy) and a superuser client, closed at
+ * teardown.
+ */
+export async function startAppPostgres(t: { teardown(fn: () => unknown): void }, prefix: string): Promise<{ db: TestPostgres; admin: pg.Client; secret: string }> {
+  const db = await startTestPostgres(t, prefix, { max_connections: 60 });
+  const admin = new pg.Client(db.admin());
+  await admin.connect();
+  t.teardown(() => admin.end());
+  await admin.query(`CREATE ROLE app LOGIN PASSWORD 'app-password'`);
+  await admin.query(`CREATE DATABASE app OWNER app`);
+  const { rows } = await admin.query<{ s: string }>(`SELECT rolpassword AS s FROM pg_authid WHERE rolname = 'app'`);
+  return { db, admin, secret: rows[0]!.s };
+}
 
 /** Every endpoint of `access` wakes to the Postgres on 127.0.0.1:`port`. */
 export class PoolerControlPlane implements ControlPlaneApi {

@@ -9,8 +9,7 @@ import { pipeline } from 'node:stream/promises';
 import { createSecureContext } from 'node:tls';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { createLogger } from '../../lib/logger.ts';
-import { startTestPostgres } from '../helpers/postgres.ts';
-import { bind, close, copyData, copyDone, dataRows, errorOf, execute, flush, i16, i32, msg, parse, PoolerControlPlane, query, rawPoolerSession, sync, typesOf, type Msg, type RawSession } from '../helpers/pooler.ts';
+import { bind, close, copyData, copyDone, dataRows, errorOf, execute, flush, i16, i32, msg, parse, PoolerControlPlane, query, rawPoolerSession, startAppPostgres, sync, typesOf, type Msg, type RawSession } from '../helpers/pooler.ts';
 import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
 import type { Pool } from '../../proxy/pooler/pool.ts';
 import type { PooledClient } from '../../proxy/pooler/client.ts';
@@ -19,14 +18,7 @@ const EP = 'ep-pool-1';
 const POOLER = `${EP}-pooler`;
 
 
-const db = await startTestPostgres(t, 'xenon-pooler-review-', { max_connections: 60 });
-const admin = new pg.Client(db.admin());
-await admin.connect();
-t.teardown(() => admin.end());
-await admin.query(`CREATE ROLE app LOGIN PASSWORD 'app-password'`);
-await admin.query(`CREATE DATABASE app OWNER app`);
-const { rows } = await admin.query<{ s: string }>(`SELECT rolpassword AS s FROM pg_authid WHERE rolname = 'app'`);
-const secret = rows[0]!.s;
+const { db, secret } = await startAppPostgres(t, 'xenon-pooler-review-');
 const appAdmin = new pg.Client({ ...db.admin(), database: 'app' });
 await appAdmin.connect();
 t.teardown(() => appAdmin.end());

@@ -12,22 +12,15 @@ import { Client as NeonClient, neonConfig } from '@neondatabase/serverless';
 import { createSecureContext } from 'node:tls';
 import { createCa, createServerCert } from '../../certs/generate.ts';
 import { createLogger } from '../../lib/logger.ts';
-import { startTestPostgres } from '../helpers/postgres.ts';
-import { bind, close, dataRows, describe, errorOf, execute, flush, msg, parse, PoolerControlPlane, query, rawPoolerSession, sync, tagOf, typesOf, type RawSession } from '../helpers/pooler.ts';
+import { bind, close, dataRows, describe, errorOf, execute, flush, msg, parse, PoolerControlPlane, query, rawPoolerSession, startAppPostgres, sync, tagOf, typesOf, type RawSession } from '../helpers/pooler.ts';
 import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
 
 const EP = 'ep-pool-1';
 const POOLER = `${EP}-pooler`;
 
 
-const db = await startTestPostgres(t, 'xenon-pooler-', { max_connections: 60 });
-const admin = new pg.Client(db.admin());
-await admin.connect();
-t.teardown(() => admin.end());
-await admin.query(`CREATE ROLE app LOGIN PASSWORD 'app-password'`);
-await admin.query(`CREATE DATABASE app OWNER app`);
-const { rows } = await admin.query<{ s: string }>(`SELECT rolpassword AS s FROM pg_authid WHERE rolname = 'app'`);
-const cp = new PoolerControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: rows[0]!.s, allowed_ips: [], connection_rate_limit: null, pool_size: 3 }, db.port);
+const { db, admin, secret } = await startAppPostgres(t, 'xenon-pooler-');
+const cp = new PoolerControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: secret, allowed_ips: [], connection_rate_limit: null, pool_size: 3 }, db.port);
 const ca = createCa();
 const cert = createServerCert(ca, '*.localtest.me', [{ dns: '*.localtest.me' }]);
 const config = loadProxyConfig({
