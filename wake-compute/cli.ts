@@ -104,6 +104,13 @@ async function up(): Promise<void> {
   };
   process.on('SIGINT', () => void shutdown('interrupted', 0));
   process.on('SIGTERM', () => void shutdown('terminated', 0));
+  // Run by another program (tests, a supervisor) that may die without a signal to us: stop
+  // when our stdin closes, rather than leave the stack and its computes behind.
+  if (env.XENON_EXIT_WITH_PARENT === '1') {
+    process.stdin.on('end', () => void shutdown('parent exited', 0));
+    process.stdin.on('error', () => void shutdown('parent exited', 0));
+    process.stdin.resume();
+  }
   void stack.died.then((name) => shutdown(`${name} exited unexpectedly (see ${join(stateDir, 'logs', `${name}.log`)})`, 1));
 }
 

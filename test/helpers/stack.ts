@@ -97,7 +97,9 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     const args = env.XENON_TS_LOADER
       ? ['--import', env.XENON_TS_LOADER, join(ROOT, 'wake-compute/cli.ts'), 'up', '--json']
       : [join(ROOT, 'wake-compute/bin/xenon.js'), 'up', '--json'];
-    child = spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    // stdin is a pipe that closes when this test process dies, however it dies: xenon up then
+    // stops the stack instead of leaving it (and its detached Postgres processes) behind.
+    child = spawn(process.execPath, args, { env: { ...env, XENON_EXIT_WITH_PARENT: '1' }, stdio: ['pipe', 'pipe', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
     exited = new Promise((r) => child.once('exit', (code) => r(code)));
