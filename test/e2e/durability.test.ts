@@ -13,6 +13,7 @@ import { createLogger } from '../../lib/logger.ts';
 import { parseLsn } from '../../lib/lsn.ts';
 import { findPgBin, findFreePort, pgRunAs, PostgresProcess } from '../../lib/postgres.ts';
 import { SafekeeperClient } from '../../safekeeper/client.ts';
+import { readControlData } from '../../vm/pg-control.ts';
 import { restoreWal } from '../../vm/wal-restore.ts';
 import { prng } from '../helpers/prng.ts';
 import { safekeeperList, startSafekeeperByHand, startTestStack, waitFor, type TestStack } from '../helpers/stack.ts';
@@ -139,8 +140,8 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
           await c.connect();
         }
         const id = ++next;
-        // ~3 kB of poorly compressible text: the WAL runs over several 16 MiB segments.
-        await c.query(`INSERT INTO ledger (id, payload) SELECT $1, string_agg(md5(random()::text), '') FROM generate_series(1, 100)`, [id]);
+        // ~6 kB of poorly compressible text: the WAL runs over several 16 MiB segments.
+        await c.query(`INSERT INTO ledger (id, payload) SELECT $1, string_agg(md5(random()::text), '') FROM generate_series(1, 200)`, [id]);
         acked.push(id);
       } catch {
         failures++; // an unacknowledged insert may or may not have committed: only acked ones count
@@ -167,6 +168,16 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
     const before = acked.length;
     t.ok(await waitFor(() => acked.length > before + 5, 60_000), `round ${round}: commits go on after the kill`);
   }
+  // Whatever the machine's speed: the WAL since the base must run over several segments, so
+  // that the recovery below stitches segments together.
+  const probe = new pg.Client(stack.pgConfig());
+  await probe.connect();
+  const baseCheckpoint = (await readControlData(base)).checkpoint;
+  t.ok(await waitFor(async () => {
+    const { rows } = await probe.query<{ l: string }>('SELECT pg_current_wal_lsn()::text AS l');
+    return parseLsn(rows[0]!.l) >= baseCheckpoint + 2n * 16n * 1024n * 1024n;
+  }, 180_000, 500), 'the WAL since the base runs over at least three segments');
+  await probe.end();
   running = false;
   await ledger;
 
@@ -196,7 +207,7 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
   for (const f of readdirSync(join(scratch, 'pg_wal'))) if (/^[0-9A-F]{24}/.test(f)) rmSync(join(scratch, 'pg_wal', f));
   const runAs = pgRunAs(process.env);
   const restored = await restoreWal(scratch, { timelineId: branch, upTo: flush[1]!.lsn, safekeepers: flush.map((f) => f.url) }, runAs, createLogger({ level: 'error' }));
-  t.ok(restored.restored.length >= 2, `restored ${restored.restored.length} WAL segments from the safekeepers`);
+  t.ok(restored.restored.length >= 3, `restored ${restored.restored.length} WAL segments from the safekeepers`);
   t.same(Object.keys(restored.settings).sort(), ['recovery_target_timeline', 'restore_command'], 'a cleanly shut down base replays them in archive recovery');
   const pgp = await PostgresProcess.start({
     bin: findPgBin(process.env), dataDir: scratch, port: await findFreePort(40000, 49999), runAs, logFile: join(work, 'scratch.log'),
