@@ -13,7 +13,7 @@ import { checkpointRecordEnd, readControlData } from '../../vm/pg-control.ts';
 import { SafekeeperSet } from '../../wake-compute/safekeepers.ts';
 import { startTestPostgres } from '../helpers/postgres.ts';
 import { freePort } from '../helpers/stack.ts';
-import { computeOf, startTestSafekeeper, tempDir } from '../safekeeper/helpers.ts';
+import { computeOf, spawnSafekeeper, startTestSafekeeper, tempDir } from '../safekeeper/helpers.ts';
 
 const logger = createLogger({ level: 'silent' });
 const TL = 'br-cp-side';
@@ -71,9 +71,11 @@ t.test('no majority: the start is refused with a clear error', async (t) => {
   t.match((err as Error).message, /only 1 of 3 safekeepers answered \(unreachable: sk2, sk3\); 2 are needed/);
 });
 
+// The next two use safekeeper processes: they go on retrying a compute they cannot or must not
+// stream from, and are stopped as processes at teardown.
 t.test('safekeepers that cannot stream from the compute fail the start with their reason', async (t) => {
   const root = tempDir(t, 'xenon-cp-sk-');
-  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => startTestSafekeeper(t, id, join(root, id))));
+  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => spawnSafekeeper(t, id, join(root, id))));
   const set = new SafekeeperSet(sks.map((s, i) => ({ id: `sk${i + 1}`, url: s.url })), logger, { maxSlotWalKeepSize: '1GB', stopWaitMs: 1000 });
   t.teardown(() => set.close());
   const compute = await startTestPostgres(t, 'xenon-cp-sk-pg-', set.computeSettings(1));
@@ -86,7 +88,7 @@ t.test('safekeepers that cannot stream from the compute fail the start with thei
 
 t.test('a safekeeper that already follows a newer generation fails the start at once, naming it', async (t) => {
   const root = tempDir(t, 'xenon-cp-sk-');
-  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => startTestSafekeeper(t, id, join(root, id))));
+  const sks = await Promise.all(['sk1', 'sk2', 'sk3'].map((id) => spawnSafekeeper(t, id, join(root, id))));
   const set = new SafekeeperSet(sks.map((s, i) => ({ id: `sk${i + 1}`, url: s.url })), logger, { maxSlotWalKeepSize: '1GB', stopWaitMs: 1000 });
   t.teardown(() => set.close());
   const compute = await startTestPostgres(t, 'xenon-cp-sk-pg-', set.computeSettings(5));
