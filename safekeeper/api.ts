@@ -16,6 +16,19 @@ export interface ComputeTarget {
   password: string;
 }
 
+/**
+ * One entry of a timeline's generation history (Raft's term history): the compute of
+ * `generation` started from the WAL up to `start_lsn` and wrote its own WAL from there.
+ * A history is ordered: generations strictly increasing, start LSNs non-decreasing.
+ */
+export interface GenerationEntry {
+  generation: number;
+  start_lsn: string;
+}
+
+/** The most entries a history may have (older ones are dropped by the control plane). */
+export const MAX_GENERATION_HISTORY = 500;
+
 /** `PUT /v1/timeline/:timeline_id/compute`: follow this compute from now on. */
 export interface FollowRequest {
   /**
@@ -37,6 +50,27 @@ export interface FollowRequest {
    * generation instead.
    */
   peers?: string[];
+  /**
+   * The generation history the new compute's WAL follows: the history of the safekeeper whose
+   * WAL it was started with (up to that one's flush LSN), plus `{generation, start_lsn}` last.
+   * On a generation change the safekeeper keeps its WAL only up to where its own history and this
+   * one diverge (for their newest common entry, generation g: up to the start LSN of the entry
+   * after g in this history, or of the entry after g in its own, whichever is lower), cuts the
+   * rest, and adopts this history. Omitted (older control planes): WAL is cut at `start_lsn` only and the
+   * new entry is appended to the safekeeper's own history.
+   */
+  history?: GenerationEntry[];
+}
+
+/** `POST /v1/timeline/:timeline_id/fence`: no compute older than `generation` may be followed. */
+export interface FenceRequest {
+  /**
+   * Lower than the stored generation → 409 `SK_GENERATION_FENCED`; equal → nothing changes;
+   * higher → stored (control file) and any older compute's stream is cut (its last batch synced
+   * first) before the answer, so the answer's flush LSN is final for the older generations.
+   * An unknown timeline is created (holding no WAL) so that the fence holds for it too.
+   */
+  generation: number;
 }
 
 /** `GET /v1/timeline/:timeline_id` (also the answer to PUT/DELETE …/compute). */
@@ -45,6 +79,14 @@ export interface TimelineStatus {
   /** Safekeeper id, e.g. `sk1` (also its replication slot and `application_name`). */
   safekeeper_id: string;
   generation: number;
+  /** The generation history of the WAL held here (see {@link GenerationEntry}), oldest first. */
+  history: GenerationEntry[];
+  /**
+   * The generation of the last history entry whose start LSN is at or below `flush_lsn` (0 when
+   * none): whose WAL this safekeeper's WAL is. A new compute starts from the safekeeper of a
+   * majority with the highest (last_generation, flush_lsn).
+   */
+  last_generation: number;
   /** Postgres system identifier of the compute's cluster (decimal text), once known. */
   system_id: string | null;
   /** The Postgres timeline (TLI) WAL is currently written on; 0 before the first connection. */
@@ -90,6 +132,7 @@ export interface WalListing {
  * - `PUT    /v1/timeline/:timeline_id/compute` {@link FollowRequest} → {@link TimelineStatus}
  * - `DELETE /v1/timeline/:timeline_id/compute?generation=N` stop following (data kept) → status;
  *   a generation lower than the stored one → 409; a higher one is stored (fences older computes)
+ * - `POST   /v1/timeline/:timeline_id/fence` {@link FenceRequest} → {@link TimelineStatus}
  * - `GET    /v1/timeline/:timeline_id` → {@link TimelineStatus} (404 when unknown)
  * - `GET    /v1/timelines` → `{ timelines: TimelineStatus[] }`
  * - `GET    /v1/timeline/:timeline_id/wal` → {@link WalListing}
@@ -108,6 +151,7 @@ export interface WalListing {
 export interface SafekeeperApi {
   follow(timelineId: string, req: FollowRequest): Promise<TimelineStatus>;
   unfollow(timelineId: string, generation: number): Promise<TimelineStatus>;
+  fence(timelineId: string, generation: number): Promise<TimelineStatus>;
   status(timelineId: string): Promise<TimelineStatus | null>;
   listWal(timelineId: string): Promise<WalListing>;
   readWal(timelineId: string, file: string, range?: { start: number; end: number }): Promise<Buffer>;

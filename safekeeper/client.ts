@@ -25,6 +25,10 @@ export class SafekeeperClient implements SafekeeperApi {
     return this.call('DELETE', `${this.tl(timelineId)}/compute?generation=${generation}`);
   }
 
+  fence(timelineId: string, generation: number): Promise<TimelineStatus> {
+    return this.call('POST', `${this.tl(timelineId)}/fence`, { generation });
+  }
+
   async status(timelineId: string): Promise<TimelineStatus | null> {
     try {
       return await this.call<TimelineStatus>('GET', this.tl(timelineId));

@@ -19,6 +19,12 @@ export interface TimelineSwitch {
   switchLsn: bigint;
 }
 
+/** One generation history entry: the compute of `generation` started from the WAL up to `startLsn`. */
+export interface GenerationStart {
+  generation: number;
+  startLsn: bigint;
+}
+
 export interface ControlState {
   timelineId: string;
   generation: number;
@@ -51,6 +57,12 @@ export interface ControlState {
    * first connection decides where this safekeeper's WAL starts (`pgTimeline` 0).
    */
   joinStartLsn?: bigint;
+  /**
+   * The generation history of the WAL held here (Raft's term history), oldest first: which
+   * computes' WAL it is, each from which LSN. Optional: older control files have none (read as
+   * empty: nothing is known about which generation wrote the WAL).
+   */
+  generationHistory?: GenerationStart[];
 }
 
 interface ControlJson {
@@ -66,6 +78,8 @@ interface ControlJson {
   pending_truncate_lsn?: string;
   unfollowed_only?: boolean;
   join_start_lsn?: string;
+  /** `history` is taken by the Postgres timeline switches. */
+  generation_history?: { generation: number; start_lsn: string }[];
 }
 
 export function serializeControl(s: ControlState): string {
@@ -83,6 +97,7 @@ export function serializeControl(s: ControlState): string {
   if (s.pendingTruncateLsn !== undefined) j.pending_truncate_lsn = formatLsn(s.pendingTruncateLsn);
   if (s.unfollowedOnly) j.unfollowed_only = true;
   if (s.joinStartLsn !== undefined) j.join_start_lsn = formatLsn(s.joinStartLsn);
+  if (s.generationHistory !== undefined) j.generation_history = s.generationHistory.map((e) => ({ generation: e.generation, start_lsn: formatLsn(e.startLsn) }));
   return JSON.stringify(j, null, 2) + '\n';
 }
 
@@ -118,6 +133,7 @@ export function parseControl(text: string, path: string): ControlState {
   let history: TimelineSwitch[];
   let pendingTruncateLsn: bigint | undefined;
   let joinStartLsn: bigint | undefined;
+  let generationHistory: GenerationStart[] | undefined;
   try {
     flushLsn = parseLsn(String(j.flush_lsn));
     if (j.pending_truncate_lsn !== undefined) pendingTruncateLsn = parseLsn(String(j.pending_truncate_lsn));
@@ -127,6 +143,14 @@ export function parseControl(text: string, path: string): ControlState {
       if (!isInt(h.tli, 1, 0xffff_ffff)) throw new Error('history tli invalid');
       return { tli: h.tli, switchLsn: parseLsn(String(h.switch_lsn)) };
     });
+    if (j.generation_history !== undefined) {
+      if (!Array.isArray(j.generation_history)) throw new Error('generation_history is not an array');
+      generationHistory = j.generation_history.map((e) => {
+        if (typeof e !== 'object' || e === null || !isInt(e.generation, 0, Number.MAX_SAFE_INTEGER)) throw new Error('generation_history generation invalid');
+        return { generation: e.generation, startLsn: parseLsn(String(e.start_lsn)) };
+      });
+      if (!isOrderedHistory(generationHistory)) throw new Error('generation_history is not ordered');
+    }
   } catch (err) {
     throw corrupt(path, (err as Error).message);
   }
@@ -142,7 +166,63 @@ export function parseControl(text: string, path: string): ControlState {
     ...(pendingTruncateLsn !== undefined ? { pendingTruncateLsn } : {}),
     ...(j.unfollowed_only ? { unfollowedOnly: true } : {}),
     ...(joinStartLsn !== undefined ? { joinStartLsn } : {}),
+    ...(generationHistory !== undefined ? { generationHistory } : {}),
   };
+}
+
+/** Generations strictly increasing, start LSNs non-decreasing. */
+export function isOrderedHistory(h: readonly GenerationStart[]): boolean {
+  for (let i = 1; i < h.length; i++) {
+    if (h[i]!.generation <= h[i - 1]!.generation || h[i]!.startLsn < h[i - 1]!.startLsn) return false;
+  }
+  return true;
+}
+
+/**
+ * Up to which LSN WAL held under history `own` is also WAL of history `theirs` (Raft's log
+ * matching). Every history holding an entry `(g, start)` got it from the same follow request,
+ * so histories that share their newest common entry share everything before it (even when one
+ * was cut short at the front, see MAX_GENERATION_HISTORY). After that entry — generation g,
+ * whose WAL both hold — the next entry of either history starts WAL the other does not have: a
+ * newer generation that started from g's WAL there, or (in `own`) a generation that lost.
+ * Returns null when nothing of `own` is invalid (`theirs` continues no earlier than `own`
+ * ends). Without any common entry the first entries' start LSNs bound it (WAL before them
+ * predates both histories; with an empty `own` — an older control file — this is the old rule:
+ * valid up to where the new compute started).
+ */
+export function divergenceLsn(own: readonly GenerationStart[], theirs: readonly GenerationStart[]): bigint | null {
+  const inTheirs = new Map(theirs.map((e, i) => [e.generation, i]));
+  let i = own.length - 1;
+  let j = -1;
+  for (; i >= 0; i--) {
+    const k = inTheirs.get(own[i]!.generation);
+    if (k !== undefined && theirs[k]!.startLsn === own[i]!.startLsn) { j = k; break; }
+  }
+  const a = own[i + 1]?.startLsn;
+  const b = theirs[j + 1]?.startLsn;
+  if (a === undefined) return b ?? null;
+  if (b === undefined) return a;
+  return a < b ? a : b;
+}
+
+/** The generation whose WAL ends at `flushLsn`: of the last entry starting at or below it (0: none). */
+export function lastGeneration(h: readonly GenerationStart[], flushLsn: bigint): number {
+  let g = 0;
+  for (const e of h) {
+    if (e.startLsn > flushLsn) break;
+    g = e.generation;
+  }
+  return g;
+}
+
+/** The entries starting at or below `lsn` (the history of the WAL up to there). */
+export function historyUpTo(h: readonly GenerationStart[], lsn: bigint): GenerationStart[] {
+  const out: GenerationStart[] = [];
+  for (const e of h) {
+    if (e.startLsn > lsn) break;
+    out.push(e);
+  }
+  return out;
 }
 
 export async function readControl(dir: string): Promise<ControlState> {

@@ -12,8 +12,9 @@ import { Registry } from 'prom-client';
 import { XenonError } from '../lib/errors.ts';
 import { Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
 import type { Logger } from '../lib/logger.ts';
-import { parseLsn, parseSegmentFileName, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
-import type { ComputeTarget, FollowRequest, TimelineStatus } from './api.ts';
+import { formatLsn, parseLsn, parseSegmentFileName, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
+import { MAX_GENERATION_HISTORY, type ComputeTarget, type FollowRequest, type TimelineStatus } from './api.ts';
+import { isOrderedHistory, type GenerationStart } from './control.ts';
 import type { SafekeeperConfig } from './config.ts';
 import { createSafekeeperMetrics, type SafekeeperMetrics } from './metrics.ts';
 import { Timeline, type SegmentCompleteEvent, type TimelineDeps } from './timeline.ts';
@@ -59,7 +60,7 @@ function generationOf(v: unknown, what: string): number {
 }
 
 /** Validates a {@link FollowRequest} body field by field. */
-export function parseFollowRequest(body: unknown): FollowRequest & { startLsn?: bigint } {
+export function parseFollowRequest(body: unknown): FollowRequest & { startLsn?: bigint; generationHistory?: GenerationStart[] } {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) throw badRequest('request body must be a JSON object');
   const b = body as Record<string, unknown>;
   const generation = generationOf(b.generation, 'generation');
@@ -96,7 +97,30 @@ export function parseFollowRequest(body: unknown): FollowRequest & { startLsn?: 
       return u.replace(/\/+$/, '');
     });
   }
-  return { generation, compute, start_lsn: b.start_lsn as string | undefined, startLsn, ...(peers ? { peers } : {}) };
+  let generationHistory: GenerationStart[] | undefined;
+  if (b.history !== undefined && b.history !== null) {
+    const bad = (why: string): XenonError => badRequest(`history must be a list of at most ${MAX_GENERATION_HISTORY} {generation, start_lsn}, generations increasing, start LSNs not decreasing, the last one this request's generation and start_lsn: ${why}`);
+    if (!Array.isArray(b.history) || b.history.length === 0 || b.history.length > MAX_GENERATION_HISTORY) throw bad('not a non-empty list of allowed length');
+    generationHistory = b.history.map((e: unknown) => {
+      const ee = e as Record<string, unknown> | null;
+      if (typeof ee !== 'object' || ee === null || typeof ee.generation !== 'number' || !Number.isSafeInteger(ee.generation) || ee.generation < 0 || typeof ee.start_lsn !== 'string') throw bad('an entry is malformed');
+      try {
+        return { generation: ee.generation, startLsn: parseLsn(ee.start_lsn) };
+      } catch {
+        throw bad(`${JSON.stringify(ee.start_lsn.slice(0, 40))} is not an LSN`);
+      }
+    });
+    if (!isOrderedHistory(generationHistory)) throw bad('not ordered');
+    const last = generationHistory[generationHistory.length - 1]!;
+    if (last.generation !== generation) throw bad(`the last entry is generation ${last.generation}, the request's ${generation}`);
+    if (startLsn !== undefined && startLsn !== last.startLsn) throw bad(`the last entry starts at ${formatLsn(last.startLsn)}, start_lsn is ${formatLsn(startLsn)}`);
+    startLsn = last.startLsn;
+  }
+  return {
+    generation, compute, start_lsn: (b.start_lsn as string | undefined) ?? (generationHistory ? (b.history as { start_lsn: string }[]).at(-1)!.start_lsn : undefined), startLsn,
+    ...(peers ? { peers } : {}),
+    ...(generationHistory ? { history: b.history as FollowRequest['history'], generationHistory } : {}),
+  };
 }
 
 /** `Range: bytes=a-b | a- | -n` against a file of `size` bytes; one range only. */
@@ -192,6 +216,22 @@ export async function startSafekeeper(config: SafekeeperConfig, deps: Safekeeper
       return t;
     });
     return tl.follow(req);
+  });
+  router.post('/v1/timeline/:timeline_id/fence', async ({ params, body }) => {
+    const id = timelineIdParam(params.timeline_id);
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) throw badRequest('request body must be a JSON object {generation}');
+    const generation = generationOf((body as Record<string, unknown>).generation, 'generation');
+    const tl = await serial(async () => {
+      let t = timelines.get(id);
+      if (!t) {
+        // Fenced before it holds anything: the fence must hold for a follow that comes later too.
+        t = await Timeline.create(id, join(timelinesDir, id), { generation, compute: null }, tlDeps);
+        timelines.set(id, t);
+        log.info('new timeline (fenced)', { timelineId: id, generation });
+      }
+      return t;
+    });
+    return tl.fence(generation);
   });
   router.delete('/v1/timeline/:timeline_id/compute', async ({ params, query }) => {
     const id = timelineIdParam(params.timeline_id);

@@ -13,9 +13,9 @@ import pg from 'pg';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { formatLsn, historyFileName, parseLsn, segmentFileName, segmentOf, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
-import type { ComputeTarget, FollowRequest, TimelineStatus, WalFile, WalListing } from './api.ts';
+import { MAX_GENERATION_HISTORY, type ComputeTarget, type FollowRequest, type TimelineStatus, type WalFile, type WalListing } from './api.ts';
 import { SafekeeperClient } from './client.ts';
-import { readControl, writeControl, type ControlState } from './control.ts';
+import { divergenceLsn, historyUpTo, lastGeneration, readControl, writeControl, type ControlState, type GenerationStart } from './control.ts';
 import type { SafekeeperMetrics } from './metrics.ts';
 import { parseReplicationMessage, standbyStatusUpdateFrame } from './protocol.ts';
 import { SegmentStore, type StoreHooks, type SyncMethod } from './store.ts';
@@ -219,12 +219,18 @@ export class Timeline {
     return tl;
   }
 
-  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget; peers?: string[]; startLsn?: bigint }, deps: TimelineDeps): Promise<Timeline> {
+  /**
+   * A new timeline: from a follow request (its generation history adopted), or from a fence
+   * (`compute` null: no history yet, and the later follow of that generation is a generation change).
+   */
+  static async create(id: string, dir: string, req: { generation: number; compute: ComputeTarget | null; peers?: string[]; startLsn?: bigint; generationHistory?: GenerationStart[] }, deps: TimelineDeps): Promise<Timeline> {
     await mkdir(join(dir, 'wal'), { recursive: true, mode: 0o700 });
     const state: ControlState = {
       timelineId: id, generation: req.generation, compute: req.compute, systemId: null, pgTimeline: 0, flushLsn: 0n, history: [],
       ...(req.peers ? { peers: req.peers } : {}),
       ...(req.startLsn !== undefined && req.startLsn > 0n ? { joinStartLsn: req.startLsn } : {}),
+      generationHistory: req.compute === null ? [] : req.generationHistory ?? [{ generation: req.generation, startLsn: req.startLsn ?? 0n }],
+      ...(req.compute === null ? { unfollowedOnly: true } : {}),
     };
     await writeControl(dir, state);
     return new Timeline(id, dir, state, null, deps);
@@ -249,7 +255,7 @@ export class Timeline {
     if (this.state?.compute && !this.follower && !this.closed) this.startFollower();
   }
 
-  follow(req: FollowRequest & { startLsn?: bigint }): Promise<TimelineStatus> {
+  follow(req: FollowRequest & { startLsn?: bigint; generationHistory?: GenerationStart[] }): Promise<TimelineStatus> {
     return this.op(async () => {
       const s = this.requireState();
       if (req.generation < s.generation) {
@@ -288,8 +294,20 @@ export class Timeline {
         s.compute = req.compute;
         delete s.unfollowedOnly;
         if (req.peers !== undefined) s.peers = req.peers;
-        const cut = req.startLsn !== undefined && req.startLsn < this.flushLsn ? req.startLsn : undefined;
+        // The WAL held here is valid up to where its generation history and the new compute's
+        // diverge; past that it is the tail of a generation that lost (never acknowledged).
+        // Without a history in the request: the new compute's WAL agrees with ours up to start_lsn.
+        const own = s.generationHistory ?? [];
+        const start = req.startLsn ?? this.flushLsn;
+        const theirs = req.generationHistory ?? [...historyUpTo(own, start), { generation: req.generation, startLsn: start }];
+        const valid = divergenceLsn(own, theirs);
+        const cut = valid !== null && valid < this.flushLsn ? valid : undefined;
         if (cut !== undefined) s.pendingTruncateLsn = cut;
+        if (cut !== undefined && req.startLsn !== undefined && cut < req.startLsn) {
+          this.log.warn('WAL diverged from the new compute\'s generation history before its start LSN', { at: formatLsn(cut), startLsn: formatLsn(req.startLsn), own: fmtHistory(own), theirs: fmtHistory(theirs) });
+        }
+        // The history is adopted in the same control-file write as the fence and the pending cut.
+        s.generationHistory = theirs.slice(-MAX_GENERATION_HISTORY);
         await this.persist();
         if (cut !== undefined) await this.truncateTo(cut);
       })();
@@ -300,6 +318,33 @@ export class Timeline {
         if (this.changing === change) this.changing = null;
       }
       this.startFollower();
+      return this.status();
+    });
+  }
+
+  /**
+   * `POST …/fence`: from now on no compute older than `generation` is followed. A higher one is
+   * stored (marked like an unfollow: the follow of that generation is still a generation change)
+   * after the old stream was stopped and its last batch synced, so the status answered carries
+   * the final flush LSN of the older generations here. Equal: nothing changes. Lower: 409.
+   */
+  fence(generation: number): Promise<TimelineStatus> {
+    return this.op(async () => {
+      const s = this.requireState();
+      if (generation < s.generation) {
+        throw new XenonError('SK_GENERATION_FENCED', `fence generation ${generation} < stored ${s.generation}`, {
+          userMessage: `generation ${generation} is fenced: this timeline already follows generation ${s.generation}`,
+        });
+      }
+      if (generation > s.generation) {
+        this.log.info('fenced by a new compute generation', { from: s.generation, to: generation, flushLsn: formatLsn(this.flushLsn) });
+        await this.stopFollower();
+        this.computeLsn = null;
+        s.generation = generation;
+        s.compute = null;
+        s.unfollowedOnly = true;
+        await this.persist();
+      }
       return this.status();
     });
   }
@@ -421,6 +466,8 @@ export class Timeline {
       timeline_id: this.id,
       safekeeper_id: this.deps.safekeeperId,
       generation: s?.generation ?? 0,
+      history: (s?.generationHistory ?? []).map((e) => ({ generation: e.generation, start_lsn: formatLsn(e.startLsn) })),
+      last_generation: lastGeneration(s?.generationHistory ?? [], this.flushLsn),
       system_id: s?.systemId ?? null,
       pg_timeline: s?.pgTimeline ?? 0,
       flush_lsn: formatLsn(this.flushLsn),
@@ -992,6 +1039,10 @@ interface ReplConnection {
   sendCopyFromChunk(b: Buffer): void;
   endCopyFrom(): void;
   stream?: { pause(): void; resume(): void; isPaused(): boolean; destroy(): void; write(b: Buffer): boolean; writable: boolean };
+}
+
+function fmtHistory(h: readonly GenerationStart[]): string {
+  return h.map((e) => `${e.generation}@${formatLsn(e.startLsn)}`).join(' ');
 }
 
 function samePeers(a: string[] | undefined, b: string[]): boolean {

@@ -209,9 +209,10 @@ export class ComputeManager {
       const sk = this.o.safekeepers;
       if (sk?.enabled) {
         // Where the committed WAL ends is known only to a safekeeper majority: the compute starts
-        // with WAL up to there (fetched into pg_wal when its disk lacks it), as a new generation.
-        const sp = await sk.startPoint(branch.id);
+        // with WAL up to there (fetched into pg_wal when its disk lacks it), as a new generation,
+        // which first fences older computes on the safekeepers (so the start point is final).
         const generation = await this.o.store.nextGeneration(branch.id);
+        const sp = await sk.startPoint(branch.id, generation);
         rt.address = await this.o.driver.start({
           computeId: rt.id,
           dataKey: branch.id,
@@ -219,7 +220,7 @@ export class ComputeManager {
           wal: { timelineId: branch.id, upTo: sp.upTo, safekeepers: sp.order },
         });
         rt.wal = { timelineId: branch.id, generation };
-        await sk.follow(branch.id, generation, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password }, sp.upTo);
+        await sk.follow(branch.id, generation, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password }, sp);
         this.o.logger.info('safekeepers follow the compute', { endpoint: rt.id, generation, startLsn: sp.upTo });
       } else {
         rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });

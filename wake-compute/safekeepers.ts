@@ -6,7 +6,7 @@
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { formatLsn, parseLsn } from '../lib/lsn.ts';
-import type { ComputeTarget, FollowRequest, TimelineStatus } from '../safekeeper/api.ts';
+import { MAX_GENERATION_HISTORY, type ComputeTarget, type FollowRequest, type GenerationEntry, type TimelineStatus } from '../safekeeper/api.ts';
 import { SafekeeperClient } from '../safekeeper/client.ts';
 import type { WalStatus } from './api.ts';
 import type { SafekeeperRef } from './config.ts';
@@ -16,10 +16,23 @@ interface Member extends SafekeeperRef {
 }
 
 export interface StartPoint {
-  /** The highest flush LSN among the safekeepers that answered (a majority): the compute must have WAL up to here. */
+  /** The generation that fenced the safekeepers and will follow the new compute. */
+  generation: number;
+  /**
+   * The flush LSN of the donor: of the safekeepers that answered the fence (a majority), the one
+   * with the highest (last_generation, flush_lsn). The compute must have WAL up to here.
+   */
   upTo: string;
-  /** Safekeeper URLs, most WAL first. */
+  /** The donor's id (null for a timeline no safekeeper holds WAL of). */
+  donor: string | null;
+  /**
+   * URLs of safekeepers whose WAL up to their flush LSN is the donor's (same last generation),
+   * the donor first, then by flush LSN: where the compute's WAL up to `upTo` may be read.
+   */
   order: string[];
+  /** The history the new compute's WAL follows: the donor's up to its flush LSN, then `{generation, upTo}`. */
+  history: GenerationEntry[];
+  /** Each safekeeper's answer to the fence. */
   statuses: Record<string, TimelineStatus | null | 'unreachable'>;
 }
 
@@ -78,33 +91,72 @@ export class SafekeeperSet {
   }
 
   /**
-   * Where a new compute of `timelineId` must start: a majority must answer, since any commit ever
-   * acknowledged is on a majority and so on at least one of those that answered.
+   * Where a new compute of `timelineId`, of `generation`, must start. First every safekeeper is
+   * fenced with `generation` (`POST …/fence`): once it answered, it acknowledges nothing more to
+   * an older compute, so its flush LSN in the answer is final. A majority must answer: any commit
+   * ever acknowledged is on a majority, hence on at least one of them. The start point is the
+   * flush LSN of the one with the highest (last generation, flush LSN) — as in Raft, the newest
+   * generation's WAL first: a safekeeper with more WAL of an older generation holds the tail of a
+   * compute that lost (never acknowledged), which it cuts when it follows the new compute.
    */
-  async startPoint(timelineId: string): Promise<StartPoint> {
-    const st = await this.statuses(timelineId);
-    const up = st.map((s, i) => ({ m: this.members[i]!, s })).filter((x) => x.s !== 'unreachable');
+  async startPoint(timelineId: string, generation: number): Promise<StartPoint> {
+    const st = await Promise.all(this.members.map((m) => m.client.fence(timelineId, generation).catch((err: Error) => {
+      if (err instanceof XenonError && err.code === 'SK_GENERATION_FENCED') {
+        throw new XenonError('CP_SAFEKEEPERS_UNAVAILABLE', `safekeeper ${m.id} already follows a newer compute generation of ${timelineId} than ${generation}: ${err.message}`, { retryable: false });
+      }
+      this.logger.warn('safekeeper did not answer the fence', { safekeeper: m.id, url: m.url, timelineId, generation, err: err.message });
+      return 'unreachable' as const;
+    })));
+    const up = st.map((s, i) => ({ m: this.members[i]!, s })).filter((x): x is { m: Member; s: TimelineStatus } => x.s !== 'unreachable');
     if (up.length < this.quorum) {
       const down = st.map((s, i) => (s === 'unreachable' ? this.members[i]!.id : '')).filter(Boolean);
       throw new XenonError('CP_SAFEKEEPERS_UNAVAILABLE', `only ${up.length} of ${this.members.length} safekeepers answered (unreachable: ${down.join(', ')}); ${this.quorum} are needed`);
     }
-    const flush = (s: TimelineStatus | null | 'unreachable'): bigint => (s && s !== 'unreachable' ? parseLsn(s.flush_lsn) : 0n);
-    up.sort((a, b) => (flush(b.s) > flush(a.s) ? 1 : flush(b.s) < flush(a.s) ? -1 : 0));
-    return {
-      upTo: formatLsn(flush(up[0]!.s)),
-      order: up.map((x) => x.m.url),
+    const lastGen = (s: TimelineStatus): number => s.last_generation ?? 0;
+    const flush = (s: TimelineStatus): bigint => parseLsn(s.flush_lsn);
+    up.sort((a, b) => lastGen(b.s) - lastGen(a.s) || (flush(b.s) > flush(a.s) ? 1 : flush(b.s) < flush(a.s) ? -1 : 0));
+    const donor = up[0]!;
+    const upTo = flush(donor.s);
+    // The donor's history up to its flush LSN (entries past it describe WAL it does not hold).
+    const history: GenerationEntry[] = (donor.s.history ?? []).filter((e) => parseLsn(e.start_lsn) <= upTo);
+    history.push({ generation, start_lsn: formatLsn(upTo) });
+    const sp: StartPoint = {
+      generation,
+      upTo: formatLsn(upTo),
+      donor: upTo > 0n ? donor.m.id : null,
+      order: up.filter((x) => lastGen(x.s) === lastGen(donor.s)).map((x) => x.m.url),
+      history: history.slice(-MAX_GENERATION_HISTORY),
       statuses: Object.fromEntries(st.map((s, i) => [this.members[i]!.id, s])),
     };
+    this.planned.set(timelineId, sp);
+    if (up.some((x) => lastGen(x.s) < lastGen(donor.s) && flush(x.s) > upTo)) {
+      this.logger.warn('a safekeeper holds more WAL of an older generation than the start point: that tail was never acknowledged and will be cut', {
+        timelineId, generation, upTo: sp.upTo, donor: donor.m.id,
+        stale: up.filter((x) => lastGen(x.s) < lastGen(donor.s) && flush(x.s) > upTo).map((x) => `${x.m.id}: generation ${lastGen(x.s)} to ${x.s.flush_lsn}`).join(', '),
+      });
+    }
+    return sp;
   }
+
+  /** The last start point computed per timeline (its history goes with a follow given only the LSN). */
+  private readonly planned = new Map<string, StartPoint>();
 
   /**
    * Tells every safekeeper to follow the compute of `generation`. Resolves once a quorum has
    * accepted (a compute without a quorum could not commit); the others are retried in the
    * background until they accept or a newer generation takes over.
    */
-  async follow(timelineId: string, generation: number, compute: ComputeTarget, startLsn: string, timeoutMs = 10_000): Promise<void> {
+  async follow(timelineId: string, generation: number, compute: ComputeTarget, start: string | StartPoint, timeoutMs = 10_000): Promise<void> {
     this.current.set(timelineId, generation);
-    const reqFor = (m: Member): FollowRequest => ({ generation, compute, start_lsn: startLsn, peers: this.members.filter((p) => p !== m).map((p) => p.url) });
+    const planned = this.planned.get(timelineId);
+    const sp = typeof start === 'string' ? (planned && planned.generation === generation && planned.upTo === start ? planned : undefined) : start;
+    const startLsn = typeof start === 'string' ? start : start.upTo;
+    if (sp && sp.generation === generation) this.planned.delete(timelineId);
+    const history = sp && sp.generation === generation ? sp.history : undefined;
+    const reqFor = (m: Member): FollowRequest => ({
+      generation, compute, start_lsn: startLsn, peers: this.members.filter((p) => p !== m).map((p) => p.url),
+      ...(history ? { history } : {}),
+    });
     let accepted = 0;
     const progress = { errors: '', done: false };
     let onQuorum!: () => void;

@@ -27,11 +27,12 @@ t.test('settings, start point, follow, and a stop that waits for the shutdown ch
   const settings = set.computeSettings(7);
   t.match(settings, { synchronous_standby_names: 'ANY 2 (sk1, sk2, sk3)', synchronous_commit: 'on', wal_level: 'replica', max_slot_wal_keep_size: '256MB', 'xenon.generation': 7 });
 
-  const sp0 = await set.startPoint(TL);
+  const sp0 = await set.startPoint(TL, 7);
   t.equal(sp0.upTo, '0/0', 'a new timeline starts from nothing');
+  t.same(sp0.history, [{ generation: 7, start_lsn: '0/0' }], 'its history begins with this generation');
 
   const compute = await startTestPostgres(t, 'xenon-cp-sk-pg-', settings);
-  await set.follow(TL, 7, computeOf(compute), sp0.upTo);
+  await set.follow(TL, 7, computeOf(compute), sp0);
   const streaming = await Promise.all(sks.map((s) => new SafekeeperClient(s.url).status(TL)));
   t.ok(streaming.filter((s) => s?.streaming && s.generation === 7).length >= 2, 'follow() returns once a quorum streams');
 
@@ -40,9 +41,8 @@ t.test('settings, start point, follow, and a stop that waits for the shutdown ch
   await c.query('CREATE TABLE t (x int)');
   await c.query('INSERT INTO t SELECT generate_series(1, 1000)');
   await c.end();
-  const sp1 = await set.startPoint(TL);
-  t.ok(parseLsn(sp1.upTo) > 0n, `the start point moved with the commits (${sp1.upTo})`);
-  t.equal(sp1.order.length, 3);
+  const moved = await Promise.all(sks.map((s) => new SafekeeperClient(s.url).status(TL)));
+  t.ok(moved.every((s) => s && parseLsn(s.flush_lsn) > 0n && s.last_generation === 7), 'the safekeepers hold WAL of generation 7');
 
   await compute.stop();
   const ctl = await readControlData(compute.dataDir);
@@ -55,7 +55,10 @@ t.test('settings, start point, follow, and a stop that waits for the shutdown ch
     t.equal(st.flush_lsn, formatLsn(end), `${st.safekeeper_id} flushed exactly to the end of the shutdown checkpoint`);
     t.equal(st.compute, null, `${st.safekeeper_id} no longer follows the stopped compute`);
   }
-  t.equal((await set.startPoint(TL)).upTo, formatLsn(end), 'the next start begins at the end of the shutdown checkpoint');
+  const sp1 = await set.startPoint(TL, 8);
+  t.equal(sp1.upTo, formatLsn(end), 'the next start begins at the end of the shutdown checkpoint');
+  t.equal(sp1.order.length, 3, 'every safekeeper has that WAL');
+  t.same(sp1.history, [{ generation: 7, start_lsn: '0/0' }, { generation: 8, start_lsn: formatLsn(end) }]);
 });
 
 t.test('no majority: the start is refused with a clear error', async (t) => {
@@ -66,7 +69,7 @@ t.test('no majority: the start is refused with a clear error', async (t) => {
     [{ id: 'sk1', url: one.url }, { id: 'sk2', url: `http://127.0.0.1:${dead[0]}` }, { id: 'sk3', url: `http://127.0.0.1:${dead[1]}` }],
     logger, { maxSlotWalKeepSize: '1GB', stopWaitMs: 1000, requestTimeoutMs: 2000 });
   t.teardown(() => set.close());
-  const err = await set.startPoint(TL).catch((e: unknown) => e);
+  const err = await set.startPoint(TL, 1).catch((e: unknown) => e);
   t.ok(err instanceof XenonError && err.code === 'CP_SAFEKEEPERS_UNAVAILABLE', 'CP_SAFEKEEPERS_UNAVAILABLE');
   t.match((err as Error).message, /only 1 of 3 safekeepers answered \(unreachable: sk2, sk3\); 2 are needed/);
 });
