@@ -30,20 +30,30 @@ interface Route {
   method: string;
   parts: string[];
   handler: RouteHandler;
+  rawBody: boolean;
+}
+
+/** Per-route options. */
+export interface RouteOptions {
+  /**
+   * The handler consumes the request body itself (a stream: `ctx.req`), e.g. a large upload;
+   * the router neither reads it nor applies its JSON size cap, and `ctx.body` is undefined.
+   */
+  rawBody?: boolean;
 }
 
 export class Router {
   private readonly routes: Route[] = [];
   constructor(private readonly opts: { maxBody?: number } = {}) {}
 
-  add(method: string, pattern: string, handler: RouteHandler): this {
-    this.routes.push({ method, parts: pattern.split('/').filter(Boolean), handler });
+  add(method: string, pattern: string, handler: RouteHandler, opts: RouteOptions = {}): this {
+    this.routes.push({ method, parts: pattern.split('/').filter(Boolean), handler, rawBody: opts.rawBody === true });
     return this;
   }
   get(p: string, h: RouteHandler): this { return this.add('GET', p, h); }
-  post(p: string, h: RouteHandler): this { return this.add('POST', p, h); }
+  post(p: string, h: RouteHandler, o?: RouteOptions): this { return this.add('POST', p, h, o); }
   patch(p: string, h: RouteHandler): this { return this.add('PATCH', p, h); }
-  put(p: string, h: RouteHandler): this { return this.add('PUT', p, h); }
+  put(p: string, h: RouteHandler, o?: RouteOptions): this { return this.add('PUT', p, h, o); }
   delete(p: string, h: RouteHandler): this { return this.add('DELETE', p, h); }
 
   private match(method: string, path: string): { route: Route; params: Record<string, string> } | 'method' | null {
@@ -74,7 +84,7 @@ export class Router {
       const m = this.match(req.method ?? 'GET', url.pathname);
       if (m === null) throw new XenonError('HTTP_NOT_FOUND', `no route ${req.method} ${url.pathname}`);
       if (m === 'method') throw new XenonError('HTTP_METHOD_NOT_ALLOWED');
-      const body = req.method === 'GET' || req.method === 'HEAD' ? undefined : await readJson(req, this.opts.maxBody);
+      const body = req.method === 'GET' || req.method === 'HEAD' || m.route.rawBody ? undefined : await readJson(req, this.opts.maxBody);
       const out = await m.route.handler({ req, res, params: m.params, query: url.searchParams, body });
       if (res.headersSent || res.writableEnded) return;
       if (out instanceof HttpReply) sendJson(res, out.status, out.body);

@@ -2,10 +2,12 @@
  * The compute driver contract: what the control plane asks of a place that runs computes
  * (a local process, a QEMU VM, a Kubernetes pod). Drivers never touch metadata.
  */
+import type { StartPlan } from '../pageserver/api.ts';
+import type { Readable } from 'node:stream';
 import type { ControlData } from './pg-control.ts';
 import type { WalSource } from './wal-restore.ts';
 
-export type { ControlData, WalSource };
+export type { ControlData, StartPlan, WalSource };
 
 export const COMPUTE_STATUSES = ['stopped', 'running', 'suspended'] as const;
 export type ComputeStatus = (typeof COMPUTE_STATUSES)[number];
@@ -22,6 +24,18 @@ export interface ComputeSpec {
    * fetched from these safekeepers (see `wal-restore.ts`).
    */
   wal?: WalSource;
+  /**
+   * How to build the data from the pageserver when the driver has none for `dataKey` (see
+   * `materialise.ts`). Data the driver already has is started as it is. In `archive` mode `wal`
+   * is ignored (the pageserver serves the WAL) and the start resolves only after recovery and
+   * promotion.
+   */
+  plan?: StartPlan;
+  /**
+   * How long Postgres may take to accept connections (default: the driver's, plus time to replay
+   * the plan's WAL at 4 MB/s when the data was just materialised).
+   */
+  readyTimeoutMs?: number;
 }
 
 export interface ComputeAddress {
@@ -64,6 +78,11 @@ export interface ComputeDriver {
   onUnexpectedExit(cb: (exit: ComputeExit) => void): void;
   /** Stops a compute a crashed predecessor left running on `dataKey` (no-op when there is none). */
   reclaim(dataKey: string): Promise<void>;
+  /**
+   * A tar stream of the data of `dataKey` (the compute must be stopped): a new project's first
+   * image for the pageserver. Errors surface as the stream's 'error'.
+   */
+  exportImage(dataKey: string): Promise<Readable>;
   /** Deletes the data of `dataKey` (the compute must be stopped). */
   destroyData(dataKey: string): Promise<void>;
   /** Stops every compute. */

@@ -3,13 +3,17 @@
  * port, its data directory under the data root, frozen with the cgroup freezer when suspended.
  */
 import { createHash } from 'node:crypto';
+import type { Readable } from 'node:stream';
 import { access, mkdir, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
+import { parseLsn } from '../lib/lsn.ts';
 import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
 import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus, ControlData } from './api.ts';
+import { materialise, type MaterialiseResult } from './materialise.ts';
 import { readControlData } from './pg-control.ts';
+import { tarDirectory } from './tar.ts';
 import { restoreWal } from './wal-restore.ts';
 import { childPids, createFreezer, type Freezer } from './freezer.ts';
 
@@ -37,6 +41,12 @@ interface Running {
 }
 
 const SAFE_KEY = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+/** Extra readiness time for replaying the WAL between an image and the target, at 4 MB/s. */
+function replayAllowanceMs(from: string, to: string): number {
+  const bytes = parseLsn(to) - parseLsn(from);
+  return bytes > 0n ? Number(bytes / 4_194_304n) * 1000 : 0;
+}
 
 export class ProcessDriver implements ComputeDriver {
   readonly kind = 'process';
@@ -95,17 +105,44 @@ export class ProcessDriver implements ComputeDriver {
     if (existing && !existing.stopping) throw new XenonError('CP_CONFLICT', `compute ${spec.computeId} is already running`);
     await this.releasing.get(spec.computeId);
     const dataDir = this.dataDir(spec.dataKey);
+    const log = this.opts.logger.child({ computeId: spec.computeId, dataKey: spec.dataKey });
+    let materialised: MaterialiseResult | undefined;
     if (!(await this.hasData(spec.dataKey))) {
-      throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
+      if (!spec.plan) throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
+      await rm(dataDir, { recursive: true, force: true }); // a half-made dir from an interrupted start
+      materialised = await materialise({ dataDir, plan: spec.plan, runAs: this.opts.runAs, logger: log });
+      log.info('compute data materialised from the pageserver', {
+        mode: spec.plan.mode, image: spec.plan.image.id, kind: spec.plan.image.kind, lsn: spec.plan.lsn, walFiles: spec.plan.wal.length, bytes: materialised.bytes, ms: materialised.ms,
+      });
     }
+    const logFile = join(this.opts.logDir, `${spec.computeId}.log`);
+    try {
+      return await this.startPostgres(spec, dataDir, logFile, materialised);
+    } catch (err) {
+      if (materialised) {
+        // The next start must materialise again, not start a half-recovered directory.
+        await rm(dataDir, { recursive: true, force: true }).catch(() => {});
+        log.warn('compute failed to start from materialised data: removed the data directory', { err, logFile });
+      }
+      if (err instanceof XenonError) throw new XenonError(err.code, `${err.message} (compute log: ${logFile})`, { cause: err, userMessage: err.userMessage, retryable: err.retryable });
+      throw err;
+    } finally {
+      // WAL fetched ahead for an archive recovery: done with once Postgres has promoted (or failed).
+      if (materialised && spec.plan?.mode === 'archive') await rm(join(dirname(dataDir), 'wal-prefetch'), { recursive: true, force: true }).catch(() => {});
+    }
+  }
+
+  private async startPostgres(spec: ComputeSpec, dataDir: string, logFile: string, materialised: MaterialiseResult | undefined): Promise<ComputeAddress> {
     await stopStalePostmaster(dataDir); // before touching pg_wal
     await writeManagedHba(dataDir, this.opts.runAs);
     let recovery: Record<string, string> = {};
-    if (spec.wal) {
+    // In archive mode the pageserver serves the WAL (restore_command); pg_wal is not to be filled.
+    if (spec.wal && !(materialised && spec.plan?.mode === 'archive')) {
       const r = await restoreWal(dataDir, spec.wal, this.opts.runAs, this.opts.logger);
       if (r.restored.length) this.opts.logger.warn('WAL restored from the safekeepers before start', { computeId: spec.computeId, files: r.restored });
       recovery = r.settings;
     }
+    const readyTimeoutMs = spec.readyTimeoutMs ?? (this.opts.readyTimeoutMs ?? 30_000) + (materialised && spec.plan ? replayAllowanceMs(spec.plan.image.lsn, spec.plan.lsn) : 0);
     const inUse = new Set([...this.running.values()].map((r) => r.pg.port));
     let lastErr: unknown;
     // A port that was free when probed can be taken before postgres binds it: try a few.
@@ -117,9 +154,10 @@ export class ProcessDriver implements ComputeDriver {
           dataDir,
           port,
           runAs: this.opts.runAs,
-          logFile: join(this.opts.logDir, `${spec.computeId}.log`),
-          readyTimeoutMs: this.opts.readyTimeoutMs,
-          settings: { password_encryption: 'scram-sha-256', ...this.opts.settings, ...spec.settings, ...recovery },
+          logFile,
+          readyTimeoutMs,
+          // Materialised settings (recovery) are for this start only: never persisted.
+          settings: { password_encryption: 'scram-sha-256', ...this.opts.settings, ...spec.settings, ...recovery, ...materialised?.settings },
         });
         const r: Running = { pg, dataKey: spec.dataKey, suspended: false, stopping: false };
         this.running.set(spec.computeId, r);
@@ -198,6 +236,14 @@ export class ProcessDriver implements ComputeDriver {
   async reclaim(dataKey: string): Promise<void> {
     if ([...this.running.values()].some((r) => r.dataKey === dataKey)) return; // ours, not stale
     await stopStalePostmaster(this.dataDir(dataKey));
+  }
+
+  async exportImage(dataKey: string): Promise<Readable> {
+    for (const r of this.running.values()) {
+      if (r.dataKey === dataKey) throw new XenonError('CP_CONFLICT', `data ${dataKey} is in use by a running compute`);
+    }
+    if (!(await this.hasData(dataKey))) throw new XenonError('CP_CONFLICT', `no data for ${dataKey}`);
+    return tarDirectory(this.dataDir(dataKey));
   }
 
   async destroyData(dataKey: string): Promise<void> {

@@ -10,6 +10,8 @@
  *   DELETE /v1/projects/:project                          → { project: Project }
  *   GET    /v1/projects/:project/branches                 → { branches: Branch[] }
  *   GET    /v1/projects/:project/branches/:branch         → { branch: Branch }
+ *   POST   /v1/projects/:project/branches CreateBranchRequest → 201 CreateBranchResponse
+ *   DELETE /v1/projects/:project/branches/:branch         → { branch: Branch } (409 with children / the default branch)
  *   GET    /v1/projects/:project/endpoints                → { endpoints: Endpoint[] }
  *   POST   /v1/projects/:project/endpoints CreateEndpointRequest → { endpoint: Endpoint }
  *   GET    /v1/endpoints/:endpoint                        → { endpoint: Endpoint }
@@ -49,6 +51,10 @@ export interface Branch {
   project_id: string;
   name: string;
   parent_id: string | null;
+  /** Where in the parent's WAL this branch starts (null for a project's root branch). */
+  parent_lsn: string | null;
+  /** The point in time the branch was asked for (`parent_timestamp`), if it was made so. */
+  parent_time: string | null;
   created_at: string;
 }
 
@@ -137,6 +143,30 @@ export interface CreateProjectResponse {
   /** Shown once. */
   password: string;
   connection_uri: string;
+}
+
+/**
+ * A branch of `parent` (id or name; default: the project's default branch) as of `parent_lsn`,
+ * or as of `parent_timestamp` (ISO 8601: every transaction committed at or before it), or the
+ * parent's latest committed state. Writes metadata only: instant at any database size. Roles,
+ * databases and passwords are the parent's. Point-in-time restore = a branch at a timestamp.
+ */
+export interface CreateBranchRequest {
+  name?: string;
+  parent?: string;
+  parent_lsn?: string;
+  parent_timestamp?: string;
+  /** Create a read-write endpoint for the branch (default true). */
+  endpoint?: boolean;
+  suspend_timeout_seconds?: number;
+  stop_timeout_seconds?: number;
+}
+
+export interface CreateBranchResponse {
+  branch: Branch;
+  endpoint: Endpoint | null;
+  /** Per database of the branch: a connection string without password (the parent's passwords apply). */
+  connection_uris: { role: string; database: string; uri: string }[];
 }
 
 export interface CreateEndpointRequest {

@@ -6,6 +6,9 @@
  *   xenon status                      projects and endpoints with their state
  *   xenon project create [--name N]   a new project (branch main, endpoint, role, database)
  *   xenon endpoint list|start|suspend|stop|get <endpoint> [--project P]
+ *   xenon branch create [--parent main] [--name N] [--lsn X | --at <time>] [--project P]
+ *   xenon branch list [--project P]   the branch tree
+ *   xenon branch delete <branch> [--project P]
  *   xenon connstr                     the default endpoint's connection string and psql line
  *
  * State lives in $XENON_STATE_DIR (default ~/.xenon). Other commands find the running stack
@@ -82,7 +85,7 @@ async function up(): Promise<void> {
   await writeJsonAtomic(stackPath, { api_url: stack.apiUrl, proxy_port: stack.proxyPort, metrics_url: stack.metricsUrl, domain, pid: process.pid } satisfies StackFile);
   const { uri, psql } = connectionStrings(creds, domain, stack.proxyPort, stack.caCert);
   if (json) {
-    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, http_port: stack.httpPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, safekeepers: stack.safekeepers, state_dir: stateDir, ...creds }) + '\n');
+    process.stdout.write(JSON.stringify({ ready: 'xenon', connection_string: uri, psql, api_url: stack.apiUrl, proxy_port: stack.proxyPort, http_port: stack.httpPort, metrics_url: stack.metricsUrl, ca_cert: stack.caCert, safekeepers: stack.safekeepers, pageserver_url: stack.pageserverUrl, state_dir: stateDir, ...creds }) + '\n');
   } else {
     process.stdout.write(
       `\nXenon is up.\n\n  Connection string:\n    ${uri}\n\n  psql (no DNS needed):\n    ${psql}\n\n` +
@@ -90,6 +93,7 @@ async function up(): Promise<void> {
       `    neonConfig.wsProxy = (host) => \`\${host}:${stack.httpPort}/v2\`; fetchEndpoint: (host) => \`https://\${host}:${stack.httpPort}/sql\`\n\n` +
       `  Control plane API: ${stack.apiUrl}   Proxy metrics: ${stack.metricsUrl}\n` +
       (stack.safekeepers.length ? `  Safekeepers (WAL quorum ${Math.floor(stack.safekeepers.length / 2) + 1} of ${stack.safekeepers.length}): ${stack.safekeepers.map((k) => `${k.id} ${k.url}`).join(', ')}\n` : '  Safekeepers: none (XENON_SAFEKEEPER_COUNT=0): commits are only as durable as the compute\'s disk\n') +
+      `  Pageserver (images, branches, point-in-time restore): ${stack.pageserverUrl}   xenon branch create --help\n` +
       `  Logs: ${join(stateDir, 'logs')}\n\nPress Ctrl-C to stop.\n`,
     );
   }
@@ -180,6 +184,52 @@ async function main(): Promise<void> {
       }
       break;
     }
+    case 'branch': {
+      const c = await api();
+      const project = flags.get('project') ?? (await readJson<Credentials>(credentialsPath))?.project_id;
+      if (!project) throw new Error('which project? pass --project P (no default project yet: run \'xenon up\')');
+      if (sub === 'create') {
+        const lsn = flags.get('lsn');
+        const at = flags.get('at');
+        const t0 = Date.now();
+        const r = await c.createBranch(project, {
+          ...(flags.get('parent') ? { parent: flags.get('parent') } : {}),
+          ...(flags.get('name') ? { name: flags.get('name') } : {}),
+          ...(lsn ? { parent_lsn: lsn } : {}),
+          ...(at ? { parent_timestamp: at } : {}),
+        });
+        const s = await readJson<StackFile>(stackPath);
+        process.stdout.write(`branch ${r.branch.name} (${r.branch.id}) from ${r.branch.parent_id} at ${r.branch.parent_lsn}${r.branch.parent_time ? ` (as of ${r.branch.parent_time})` : ''} in ${Date.now() - t0} ms\n`);
+        if (r.endpoint) {
+          process.stdout.write(`endpoint ${r.endpoint.id}; the parent's roles and passwords apply:\n`);
+          for (const u of r.connection_uris) {
+            const host = r.endpoint.host;
+            process.stdout.write(`${u.uri}&sslrootcert=${certPaths(stateDir).caCert}\n`);
+            process.stdout.write(`psql "host=${host} hostaddr=127.0.0.1 port=${s?.proxy_port ?? 4432} user=${u.role} dbname=${u.database} sslmode=verify-full sslrootcert=${certPaths(stateDir).caCert}"\n`);
+          }
+        }
+        return;
+      }
+      if (sub === 'list') {
+        const branches = (await c.listBranches(project)).branches;
+        const endpoints = (await c.listEndpoints(project)).endpoints;
+        const print = (parent: string | null, depth: number): void => {
+          for (const b of branches.filter((x) => x.parent_id === parent)) {
+            const eps = endpoints.filter((e) => e.branch_id === b.id).map((e) => `${e.id} ${e.state}`).join(', ');
+            process.stdout.write(`${'  '.repeat(depth)}${depth ? '└ ' : ''}${b.name} (${b.id})${b.parent_lsn ? ` at ${b.parent_lsn}` : ''}${eps ? `  [${eps}]` : ''}\n`);
+            print(b.id, depth + 1);
+          }
+        };
+        print(null, 0);
+        return;
+      }
+      if (sub === 'delete' && positional[1]) {
+        const r = await c.deleteBranch(project, positional[1]);
+        process.stdout.write(`deleted branch ${r.branch.name} (${r.branch.id})\n`);
+        return;
+      }
+      break;
+    }
     case 'help':
     case '--help':
     case '-h':
@@ -199,6 +249,11 @@ const USAGE = `usage: xenon <command>
   endpoint list [--project P]        list endpoints
   endpoint get|start|suspend|stop <endpoint>
   endpoint wal <endpoint>            where the endpoint's WAL stands on each safekeeper
+  branch create [--parent B] [--name N] [--lsn X | --at TIME] [--project P]
+                                     a branch (with an endpoint) of B as of an LSN or a time
+                                     (point-in-time restore), or of B's latest state
+  branch list [--project P]          the branch tree with endpoints
+  branch delete <branch> [--project P]
 State: $XENON_STATE_DIR (default ~/.xenon).
 `;
 

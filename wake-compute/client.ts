@@ -49,6 +49,12 @@ export class ControlPlaneClient implements api.ControlPlaneApi {
   listBranches(project: string): Promise<{ branches: api.Branch[] }> {
     return this.call('GET', `/v1/projects/${encodeURIComponent(project)}/branches`);
   }
+  createBranch(project: string, req: api.CreateBranchRequest = {}): Promise<api.CreateBranchResponse> {
+    return this.call('POST', `/v1/projects/${encodeURIComponent(project)}/branches`, req, 60_000);
+  }
+  deleteBranch(project: string, branch: string): Promise<{ branch: api.Branch }> {
+    return this.call('DELETE', `/v1/projects/${encodeURIComponent(project)}/branches/${encodeURIComponent(branch)}`, undefined, 120_000);
+  }
   listEndpoints(project: string): Promise<{ endpoints: api.Endpoint[] }> {
     return this.call('GET', `/v1/projects/${encodeURIComponent(project)}/endpoints`);
   }

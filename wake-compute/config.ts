@@ -29,6 +29,11 @@ export interface ControlPlaneConfig {
    * no WAL quorum — a commit is as durable as the compute's own disk (development only).
    */
   readonly safekeepers: readonly SafekeeperRef[];
+  /**
+   * The pageserver (`XENON_PAGESERVER_URL`): computes start from its images and WAL, and
+   * branches exist. Unset: computes keep their data directory and there are no branches.
+   */
+  readonly pageserverUrl: string | undefined;
   /** Bound on WAL a compute keeps for a lagging safekeeper's slot (`max_slot_wal_keep_size`). */
   readonly maxSlotWalKeepSize: string;
   /** How long a compute stop waits for a safekeeper majority to flush the shutdown checkpoint. */
@@ -59,6 +64,12 @@ export function parseSafekeepers(text: string | undefined): SafekeeperRef[] {
     out.push({ id, url });
   }
   return out;
+}
+
+function optionalUrl(v: string | undefined, name: string): string | undefined {
+  if (!v) return undefined;
+  if (!/^https?:\/\/[^\s/]+/.test(v)) throw new ConfigError(`${name} must be an http(s) URL, e.g. http://127.0.0.1:9898`);
+  return v.replace(/\/+$/, '');
 }
 
 export function parseSettings(text: string | undefined): Record<string, string> {
@@ -99,6 +110,7 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
     freezer,
     computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),
     safekeepers: Object.freeze(parseSafekeepers(c.optionalString('XENON_SAFEKEEPERS'))),
+    pageserverUrl: optionalUrl(c.optionalString('XENON_PAGESERVER_URL'), 'XENON_PAGESERVER_URL'),
     maxSlotWalKeepSize: c.string('XENON_MAX_SLOT_WAL_KEEP_SIZE', '1GB'),
     safekeeperStopWaitMs: c.int('XENON_SAFEKEEPER_STOP_WAIT_MS', 10_000, { min: 0 }),
     logLevel: c.logLevel(),

@@ -16,6 +16,8 @@ import {
   type ConnectionRateLimit,
   type ConnectionReport,
   type ConnectionReportResponse,
+  type CreateBranchRequest,
+  type CreateBranchResponse,
   type CreateDatabaseRequest,
   type CreateEndpointRequest,
   type CreateProjectRequest,
@@ -29,6 +31,8 @@ import { computeLogDir, type ControlPlaneConfig } from './config.ts';
 import { newBranchId, newEndpointId, newProjectId } from './ids.ts';
 import { ADMIN_ROLE, ComputeManager } from './lifecycle.ts';
 import { SafekeeperSet } from './safekeepers.ts';
+import { Storage } from './storage.ts';
+import { parseLsn } from '../lib/lsn.ts';
 import { branchOut, endpointOut, MetadataStore, rateLimitOut, type EndpointRow } from './store.ts';
 import { validateAllowlist } from '../lib/ip-allowlist.ts';
 
@@ -76,6 +80,10 @@ function optName(b: Record<string, unknown>, key: string, kind: keyof typeof RES
 function reqName(b: Record<string, unknown>, key: string, kind: keyof typeof RESERVED): string {
   const v = optName(b, key, kind);
   if (v === undefined) throw badRequest(`${key} is required`);
+  return v;
+}
+function optBranchName(v: unknown): string {
+  if (typeof v !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.\/-]{0,62}$/.test(v)) throw badRequest('name must be 1 to 63 letters, digits, _ . / or -, starting with a letter or digit');
   return v;
 }
 function optSeconds(b: Record<string, unknown>, key: string): number | undefined {
@@ -146,10 +154,13 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     stopWaitMs: config.safekeeperStopWaitMs,
   });
   if (!safekeepers.enabled) logger.warn('no safekeepers configured (XENON_SAFEKEEPERS): commits are only as durable as each compute\'s own disk');
+  const storage = config.pageserverUrl ? new Storage(config.pageserverUrl, driver, logger.child({ component: 'storage' })) : undefined;
+  if (!storage) logger.warn('no pageserver configured (XENON_PAGESERVER_URL): computes start from their local data directory only, and there are no branches');
   const manager = new ComputeManager({
     store,
     driver,
     safekeepers,
+    storage,
     logger: logger.child({ component: 'lifecycle' }),
     idleCheckIntervalMs: config.idleCheckIntervalMs,
     maxWakeCacheMs: config.maxWakeCacheMs,
@@ -172,8 +183,14 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
   const host = (id: string): string => `${id}.${config.domain}`;
   const epOut = (r: EndpointRow) =>
     endpointOut(r, { host: host(r.id), state: manager.state(r.id), connections: manager.connections(r.id), lastActive: manager.lastActive(r.id) });
-  const connectionUri = (endpointId: string, role: string, password: string, db: string): string =>
-    `postgresql://${encodeURIComponent(role)}:${encodeURIComponent(password)}@${host(endpointId)}:${config.proxyPort}/${encodeURIComponent(db)}?sslmode=verify-full`;
+  const connectionUri = (endpointId: string, role: string, password: string | undefined, db: string): string =>
+    `postgresql://${encodeURIComponent(role)}${password === undefined ? '' : `:${encodeURIComponent(password)}`}@${host(endpointId)}:${config.proxyPort}/${encodeURIComponent(db)}?sslmode=verify-full`;
+  const insertEndpoint = async (s: MetadataStore, id: string, projectId: string, branchId: string, suspend: number, stop: number): Promise<void> => {
+    await s.insertEndpoint({ id, projectId, branchId, suspend, stop }).catch((err: { code?: string }) => {
+      if (err instanceof XenonError && err.code === 'CP_CONFLICT') throw new XenonError('CP_CONFLICT', 'branch already has an endpoint', { userMessage: `branch ${branchId} already has a read-write endpoint` });
+      throw err;
+    });
+  };
 
   /**
    * Changes a branch's roles or databases: the metadata and the running compute together (the
@@ -224,10 +241,12 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       // initdb now, never on the wake path; then start once so roles and databases exist and
       // the first connection is warm. The idle policy suspends it later.
       await driver.prepare(branchId, { user: ADMIN_ROLE, password: adminPassword });
+      await storage?.createRoot(projectId, branchId);
       await manager.wake(endpointId);
     } catch (err) {
       await store.deleteProject(projectId).catch(() => {});
       await driver.destroyData(branchId).catch(() => {});
+      await storage?.deleteTenant(projectId);
       throw err;
     }
     const out: CreateProjectResponse = {
@@ -266,12 +285,85 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       await driver.destroyData(b.id).catch((err: Error) => logger.warn('could not delete branch data', { branch: b.id, err }));
       await safekeepers.deleteTimeline(b.id);
     }
+    await storage?.deleteTenant(project.id);
     return { project };
   });
 
   // ---- branches
   r.get('/v1/projects/:project/branches', async ({ params }) => ({ branches: await store.listBranches(params.project!) }));
   r.get('/v1/projects/:project/branches/:branch', async ({ params }) => ({ branch: branchOut(await store.getBranchRow(params.project!, params.branch!)) }));
+  r.post('/v1/projects/:project/branches', async ({ params, body }): Promise<HttpReply> => {
+    const b = obj(body) as Record<string, unknown> & CreateBranchRequest;
+    if (!storage) throw badRequest('branches need the pageserver: this control plane runs without one (XENON_PAGESERVER_URL)');
+    const project = await store.getProject(params.project!);
+    if (b.parent !== undefined && typeof b.parent !== 'string') throw badRequest('parent must be a branch id or name');
+    const parent = await store.getBranchRow(project.id, (b.parent as string | undefined) ?? project.default_branch_id ?? 'main');
+    const name = b.name === undefined ? undefined : optBranchName(b.name);
+    let lsn: string | undefined;
+    let time: string | undefined;
+    if (b.parent_lsn !== undefined) {
+      if (typeof b.parent_lsn !== 'string') throw badRequest('parent_lsn must be an LSN such as "0/16B3748"');
+      parseLsn(b.parent_lsn); // a clear 400 for anything else
+      lsn = b.parent_lsn.toUpperCase();
+    }
+    if (b.parent_timestamp !== undefined) {
+      if (typeof b.parent_timestamp !== 'string' || !/^\d{4}-\d\d-\d\d[T ]/.test(b.parent_timestamp) || Number.isNaN(Date.parse(b.parent_timestamp))) {
+        throw badRequest('parent_timestamp must be an ISO 8601 time such as "2026-12-02T04:05:06.789Z"');
+      }
+      time = new Date(b.parent_timestamp).toISOString();
+    }
+    if (lsn && time) throw badRequest('give parent_lsn or parent_timestamp, not both');
+    if (b.endpoint !== undefined && typeof b.endpoint !== 'boolean') throw badRequest('endpoint must be a boolean');
+    const suspend = optSeconds(b, 'suspend_timeout_seconds') ?? config.defaultSuspendTimeoutSeconds;
+    const stop = optSeconds(b, 'stop_timeout_seconds') ?? config.defaultStopTimeoutSeconds;
+    const id = newBranchId();
+    const branchName = name ?? id;
+    if ((await store.listBranches(project.id)).some((x) => x.name === branchName)) {
+      throw new XenonError('CP_CONFLICT', `branch ${branchName} exists`, { userMessage: `a branch named ${branchName} already exists in project ${project.id}` });
+    }
+    // The pageserver checks the point (GC cutoff, tip, an image before it) and pins it: first.
+    const t0 = Date.now();
+    const timeline = await storage.branch(project.id, { id, parentId: parent.id, lsn, time });
+    const endpointId = b.endpoint === false ? undefined : newEndpointId();
+    try {
+      await store.atomically(async (tx) => {
+        await tx.createChildBranch(parent, { id, name: branchName, parentLsn: timeline.ancestor_lsn ?? lsn ?? '0/0', parentTime: time ? new Date(time) : null });
+        if (endpointId) await insertEndpoint(tx, endpointId, project.id, id, suspend, stop);
+      });
+    } catch (err) {
+      await storage.deleteTimeline(project.id, id).catch((e: Error) => logger.warn('could not undo the pageserver timeline of a failed branch', { branch: id, err: e }));
+      throw err;
+    }
+    const branch = branchOut(await store.branchById(id));
+    const endpoint = endpointId ? epOut(await store.getEndpoint(endpointId)) : null;
+    const dbs = await store.listDatabases(id);
+    const out: CreateBranchResponse = {
+      branch,
+      endpoint,
+      connection_uris: endpointId ? dbs.map((d) => ({ role: d.owner_name, database: d.name, uri: connectionUri(endpointId, d.owner_name, undefined, d.name) })) : [],
+    };
+    logger.info('branch created', { project: project.id, branch: id, parent: parent.id, lsn: branch.parent_lsn, time, ms: Date.now() - t0 });
+    return new HttpReply(201, out);
+  });
+  r.delete('/v1/projects/:project/branches/:branch', async ({ params }) => {
+    const project = await store.getProject(params.project!);
+    const branch = await store.getBranchRow(project.id, params.branch!);
+    if (project.default_branch_id === branch.id) throw new XenonError('CP_CONFLICT', 'default branch', { userMessage: `${branch.name} is the project's default branch: delete the project instead` });
+    const children = await store.childBranches(branch.id);
+    if (children.length) throw new XenonError('CP_CONFLICT', 'branch has children', { userMessage: `branch ${branch.name} has child branches (${children.map((c) => c.name).join(', ')}): delete them first` });
+    const endpoints = (await store.listEndpoints(project.id)).filter((e) => e.branch_id === branch.id);
+    for (const e of endpoints) await manager.retire(e.id);
+    try {
+      await storage?.deleteTimeline(project.id, branch.id);
+      await store.deleteBranch(branch.id);
+    } catch (err) {
+      for (const e of endpoints) manager.unretire(e.id);
+      throw err;
+    }
+    await driver.destroyData(branch.id).catch((err: Error) => logger.warn('could not delete branch data', { branch: branch.id, err }));
+    await safekeepers.deleteTimeline(branch.id);
+    return { branch: branchOut(branch) };
+  });
 
   // ---- endpoints
   r.get('/v1/projects/:project/endpoints', async ({ params }) => {
@@ -283,13 +375,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     if (typeof b.branch_id !== 'string') throw badRequest('branch_id is required');
     const branch = await store.getBranchRow(params.project!, b.branch_id);
     const id = newEndpointId();
-    await store.pool.query(
-      'INSERT INTO endpoints (id, project_id, branch_id, suspend_timeout_seconds, stop_timeout_seconds) VALUES ($1, $2, $3, $4, $5)',
-      [id, params.project, branch.id, optSeconds(b, 'suspend_timeout_seconds') ?? config.defaultSuspendTimeoutSeconds, optSeconds(b, 'stop_timeout_seconds') ?? config.defaultStopTimeoutSeconds],
-    ).catch((err: { code?: string }) => {
-      if (err.code === '23505') throw new XenonError('CP_CONFLICT', 'branch already has an endpoint', { userMessage: `branch ${branch.id} already has a read-write endpoint` });
-      throw err;
-    });
+    await insertEndpoint(store, id, params.project!, branch.id, optSeconds(b, 'suspend_timeout_seconds') ?? config.defaultSuspendTimeoutSeconds, optSeconds(b, 'stop_timeout_seconds') ?? config.defaultStopTimeoutSeconds);
     return new HttpReply(201, { endpoint: epOut(await store.getEndpoint(id)) });
   });
   r.get('/v1/endpoints/:endpoint', async ({ params }) => ({ endpoint: epOut(await store.getEndpoint(params.endpoint!)) }));

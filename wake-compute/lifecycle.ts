@@ -17,6 +17,8 @@ import { quoteIdent, quoteLiteral } from '../lib/postgres.ts';
 import type { ComputeInfo, ConnectionReport, EndpointState } from './api.ts';
 import type { EndpointRow, MetadataStore } from './store.ts';
 import type { SafekeeperSet } from './safekeepers.ts';
+import type { Storage } from './storage.ts';
+import type { StartPlan } from '../pageserver/api.ts';
 import { checkpointRecordEnd } from '../vm/index.ts';
 
 export const ADMIN_ROLE = 'cloud_admin';
@@ -35,6 +37,8 @@ interface Runtime {
   wakeInFlight?: Promise<ComputeInfo>;
   /** The running compute's generation and timeline (branch), when safekeepers are in use. */
   wal?: { timelineId: string; generation: number };
+  /** The running compute is attached to the pageserver under this (tenant, timeline). */
+  attached?: { projectId: string; branchId: string };
 }
 
 export interface ComputeManagerOptions {
@@ -47,6 +51,11 @@ export interface ComputeManagerOptions {
   now?: () => number;
   /** The WAL quorum; without one (or an empty one) computes run without synchronous replication. */
   safekeepers?: SafekeeperSet;
+  /**
+   * The pageserver: a compute without a local data directory starts from its plan (image + WAL).
+   * Without one, a missing data directory is initdb'd (development setups only).
+   */
+  storage?: Storage;
   onTransition?: (endpointId: string, from: EndpointState, to: EndpointState, ms: number) => void;
 }
 
@@ -202,9 +211,16 @@ export class ComputeManager {
     let branchRow: Awaited<ReturnType<MetadataStore['branchById']>>;
     try {
       const branch = (branchRow = await this.o.store.branchById(row.branch_id));
+      let plan: StartPlan | undefined;
       if (!(await this.o.driver.hasData(branch.id))) {
-        this.o.logger.warn('no data for branch; initialising on the wake path', { endpoint: rt.id, branch: branch.id });
-        await this.o.driver.prepare(branch.id, { user: ADMIN_ROLE, password: branch.admin_password });
+        if (this.o.storage) {
+          // Stateless start: the pageserver says which image and which WAL make this branch.
+          plan = await this.o.storage.startPlan(branch.project_id, branch.id);
+          this.o.logger.info('starting from the pageserver', { endpoint: rt.id, branch: branch.id, mode: plan.mode, lsn: plan.lsn, image: plan.image.id, imageTimeline: plan.image.timeline_id });
+        } else {
+          this.o.logger.warn('no data for branch; initialising on the wake path', { endpoint: rt.id, branch: branch.id });
+          await this.o.driver.prepare(branch.id, { user: ADMIN_ROLE, password: branch.admin_password });
+        }
       }
       const sk = this.o.safekeepers;
       if (sk?.enabled) {
@@ -218,12 +234,17 @@ export class ComputeManager {
           dataKey: branch.id,
           settings: sk.computeSettings(generation),
           wal: { timelineId: branch.id, upTo: sp.upTo, safekeepers: sp.order },
+          ...(plan ? { plan } : {}),
         });
         rt.wal = { timelineId: branch.id, generation };
         await sk.follow(branch.id, generation, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password }, sp);
         this.o.logger.info('safekeepers follow the compute', { endpoint: rt.id, generation, startLsn: sp.upTo });
       } else {
-        rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id });
+        rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id, ...(plan ? { plan } : {}) });
+      }
+      if (this.o.storage) {
+        rt.attached = { projectId: branch.project_id, branchId: branch.id };
+        await this.o.storage.attach(branch.project_id, branch.id, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password });
       }
     } catch (err) {
       this.o.logger.error('compute start failed', { endpoint: rt.id, err });
@@ -283,6 +304,9 @@ export class ComputeManager {
    * safekeepers stop following it.
    */
   private async releaseWal(rt: Runtime, clean: boolean): Promise<void> {
+    const attached = rt.attached;
+    rt.attached = undefined;
+    if (attached) await this.o.storage?.detach(attached.projectId, attached.branchId);
     const wal = rt.wal;
     const sk = this.o.safekeepers;
     if (!wal || !sk) return;

@@ -158,6 +158,7 @@ export interface Stack {
   metricsUrl: string;
   caCert: string;
   safekeepers: { id: string; url: string; data_dir: string }[];
+  pageserverUrl: string;
   stop(): Promise<void>;
   /** Resolves when any service exits on its own. */
   died: Promise<string>;
@@ -226,10 +227,20 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
     const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain, ...(proxyPort ? { XENON_PROXY_PORT: proxyPort } : {}) };
     // Safekeepers first (computes commit only once a quorum has their WAL), stopped last.
     sks = await startSafekeepers(stateDir, env, baseEnv, logDir, o, () => stopping);
+    const skList = env.XENON_SAFEKEEPERS ?? sks.map((k) => `${k.id}=${k.url}`).join(',');
+    // The pageserver next (it ingests the safekeepers' WAL; computes start from it), stopped
+    // after the control plane. XENON_PAGESERVER_URL: use that one instead of starting ours.
+    let pageserverUrl = env.XENON_PAGESERVER_URL;
+    if (!pageserverUrl) {
+      const ps = await spawnService('pageserver', 'pageserver/main.ts', { ...baseEnv, XENON_SAFEKEEPERS: skList }, logDir, o.echoLogs);
+      services.push(ps);
+      pageserverUrl = String(ps.ready.url);
+    }
     const cp = await spawnService('wake-compute', 'wake-compute/main.ts', {
       ...baseEnv,
       DATABASE_URL: env.DATABASE_URL ?? meta.url,
-      ...(env.XENON_SAFEKEEPERS === undefined ? { XENON_SAFEKEEPERS: sks.map((k) => `${k.id}=${k.url}`).join(',') } : {}),
+      XENON_PAGESERVER_URL: pageserverUrl,
+      ...(env.XENON_SAFEKEEPERS === undefined ? { XENON_SAFEKEEPERS: skList } : {}),
     }, logDir, o.echoLogs);
     services.push(cp);
     const apiUrl = String(cp.ready.url);
@@ -246,6 +257,7 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
       metricsUrl: String(proxy.ready.metrics),
       caCert: certs.caCert,
       safekeepers: sks.map((k) => ({ id: k.id, url: k.url, data_dir: k.dataDir })),
+      pageserverUrl,
       stop,
       died,
     };

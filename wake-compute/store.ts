@@ -69,6 +69,9 @@ const MIGRATIONS: readonly string[] = [
   `ALTER TABLE branches ADD COLUMN generation bigint NOT NULL DEFAULT 0;`,
   // 4: per-endpoint size of the transaction pooler's pools (`-pooler`; NULL = the proxies' default).
   `ALTER TABLE endpoints ADD COLUMN pool_size integer CHECK (pool_size BETWEEN 1 AND 10000);`,
+  // 5: branches made from a point of their parent's history (the pageserver's ancestor LSN, and
+  // the time asked for when the branch was made "as of" a timestamp).
+  `ALTER TABLE branches ADD COLUMN parent_lsn text, ADD COLUMN parent_time timestamptz;`,
 ];
 
 const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
@@ -98,6 +101,9 @@ export interface BranchRow {
   spec_applied: string | null;
   /** bigint: pg returns it as text. */
   generation: string;
+  /** Migration 5: where in the parent's WAL the branch starts (null for a root branch). */
+  parent_lsn: string | null;
+  parent_time: Date | null;
   created_at: Date;
 }
 
@@ -236,6 +242,26 @@ export class MetadataStore {
     if (!row) throw new XenonError('CP_NOT_FOUND', `branch ${branchId} not found`, { userMessage: `branch ${branchId} not found` });
     return Number(row.generation);
   }
+  /**
+   * A child of `parent`: same admin password, roles and databases (its data is a copy of the
+   * parent's at `parentLsn`, so the compute already has them: the spec hash is copied too).
+   */
+  async createChildBranch(parent: BranchRow, child: { id: string; name: string; parentLsn: string; parentTime: Date | null }): Promise<BranchRow> {
+    const [row] = await this.q<BranchRow>(
+      `INSERT INTO branches (id, project_id, name, parent_id, admin_password, spec_applied, parent_lsn, parent_time)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *`,
+      [child.id, parent.project_id, child.name, parent.id, parent.admin_password, parent.spec_applied, child.parentLsn, child.parentTime],
+    );
+    await this.q('INSERT INTO roles (branch_id, name, scram_secret) SELECT $1, name, scram_secret FROM roles WHERE branch_id = $2', [child.id, parent.id]);
+    await this.q('INSERT INTO databases (branch_id, name, owner_name) SELECT $1, name, owner_name FROM databases WHERE branch_id = $2', [child.id, parent.id]);
+    return row!;
+  }
+  async childBranches(branchId: string): Promise<BranchRow[]> {
+    return this.q<BranchRow>('SELECT * FROM branches WHERE parent_id = $1 ORDER BY created_at, id', [branchId]);
+  }
+  async deleteBranch(branchId: string): Promise<void> {
+    await this.q('DELETE FROM branches WHERE id = $1', [branchId]);
+  }
   async setSpecApplied(branchId: string, hash: string): Promise<void> {
     await this.q('UPDATE branches SET spec_applied = $2 WHERE id = $1', [branchId, hash]);
   }
@@ -277,6 +303,12 @@ export class MetadataStore {
     const [row] = await this.q<EndpointRow>('UPDATE endpoints SET pool_size = $2 WHERE id = $1 RETURNING *', [id, poolSize]);
     if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
     return row;
+  }
+  async insertEndpoint(e: { id: string; projectId: string; branchId: string; suspend: number; stop: number }): Promise<void> {
+    await this.q(
+      'INSERT INTO endpoints (id, project_id, branch_id, suspend_timeout_seconds, stop_timeout_seconds) VALUES ($1, $2, $3, $4, $5)',
+      [e.id, e.projectId, e.branchId, e.suspend, e.stop],
+    );
   }
   async deleteEndpoint(id: string): Promise<EndpointRow> {
     const [row] = await this.q<EndpointRow>('DELETE FROM endpoints WHERE id = $1 RETURNING *', [id]);
@@ -355,7 +387,15 @@ function projectOut(r: ProjectRow): Project {
 }
 
 export function branchOut(r: BranchRow): Branch {
-  return { id: r.id, project_id: r.project_id, name: r.name, parent_id: r.parent_id, created_at: r.created_at.toISOString() };
+  return {
+    id: r.id,
+    project_id: r.project_id,
+    name: r.name,
+    parent_id: r.parent_id,
+    parent_lsn: r.parent_lsn,
+    parent_time: iso(r.parent_time),
+    created_at: r.created_at.toISOString(),
+  };
 }
 
 export function endpointOut(r: EndpointRow, extra: { host: string; state: EndpointState; connections: number; lastActive: Date | null }): Endpoint {

@@ -26,6 +26,7 @@ export interface UpInfo {
   metrics_url: string;
   ca_cert: string;
   safekeepers: { id: string; url: string; data_dir: string }[];
+  pageserver_url: string;
   state_dir: string;
   project_id: string;
   endpoint_id: string;
@@ -83,6 +84,8 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     XENON_COMPUTE_PORT_MAX: String(portMin + 99),
     XENON_IDLE_CHECK_MS: '100',
     XENON_SAFEKEEPER_BASE_PORT: '0',
+    XENON_PAGESERVER_PORT: '0',
+    XENON_PAGESERVER_INGEST_INTERVAL_MS: '300',
     XENON_PROXY_REPORT_INTERVAL_MS: '200',
     XENON_LOG_LEVEL: 'debug',
     ...(TAP_TS_LOADER ? { XENON_TS_LOADER: TAP_TS_LOADER } : {}),

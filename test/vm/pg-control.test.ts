@@ -3,12 +3,13 @@
  * tools (pg_controldata, pg_waldump) on a real cluster.
  */
 import { execFileSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pg from 'pg';
 import t from 'tap';
 import { formatLsn, parseLsn } from '../../lib/lsn.ts';
 import { findPgBin } from '../../lib/postgres.ts';
-import { checkpointRecordEnd, readControlData } from '../../vm/pg-control.ts';
+import { checkpointRecordEnd, crc32c, markNotShutDown, readControlData } from '../../vm/pg-control.ts';
 import { startTestPostgres } from '../helpers/postgres.ts';
 
 const bin = findPgBin(process.env);
@@ -60,4 +61,40 @@ t.test('checkpointRecordEnd accounts for page and segment headers', async (t) =>
   t.equal(checkpointRecordEnd(0x1001ff8n), 0x1002000n + 24n + 112n, 'across a page boundary');
   t.equal(checkpointRecordEnd(0x1fffff8n), 0x2000000n + 40n + 112n, 'across a segment boundary (long header)');
   t.equal(checkpointRecordEnd(0x1001f88n), 0x1002000n, 'ending exactly at a page boundary');
+});
+
+t.test('crc32c is CRC-32C (Castagnoli)', async (t) => {
+  t.equal(crc32c(Buffer.from('123456789')), 0xe3069283, 'the standard check value');
+  t.equal(crc32c(Buffer.alloc(0)), 0);
+});
+
+t.test('markNotShutDown: pg_controldata sees "in production" with a valid CRC; unknown layouts are refused', async (t) => {
+  const cluster = await startTestPostgres(t, 'xenon-pgcontrol-mark-');
+  await cluster.stop();
+  const path = join(cluster.dataDir, 'global', 'pg_control');
+  const before = readFileSync(path);
+  t.equal(controldata(cluster.dataDir).get('Database cluster state'), 'shut down');
+  await markNotShutDown(cluster.dataDir);
+  const after = readFileSync(path);
+  t.equal(after.length, 8192, 'still one 8 KiB block');
+  const out = execFileSync(join(bin, 'pg_controldata'), ['-D', cluster.dataDir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LANG: 'C', LC_ALL: 'C' } });
+  t.notMatch(out, /CRC/i, 'pg_controldata has no CRC complaint');
+  t.equal(controldata(cluster.dataDir).get('Database cluster state'), 'in production');
+  t.equal((await readControlData(cluster.dataDir)).state, 'in production');
+  const changed = [...after.keys()].filter((i) => after[i] !== before[i]);
+  t.ok(changed.every((i) => (i >= 16 && i < 20) || (i >= 288 && i < 292)), 'only the state and the CRC changed');
+  // It starts, runs crash recovery, and is the same cluster.
+  await cluster.start();
+  const c = new pg.Client(cluster.admin());
+  await c.connect();
+  const { rows } = await c.query<{ timeline_id: number }>('SELECT timeline_id FROM pg_control_checkpoint()');
+  await c.end();
+  t.equal(rows[0]!.timeline_id, 1, 'same timeline');
+  await cluster.stop();
+
+  const corrupt = Buffer.from(readFileSync(path));
+  corrupt[100] = corrupt[100]! ^ 0xff;
+  writeFileSync(path, corrupt);
+  await t.rejects(markNotShutDown(cluster.dataDir), { code: 'CP_COMPUTE_START_FAILED', message: /CRC does not match/ });
+  t.same(readFileSync(path), corrupt, 'a refused file is left untouched');
 });

@@ -1,0 +1,78 @@
+/**
+ * Branching and stateless-start benchmark (issue 6; not a tap test):
+ *   node --import tsx test/bench/branching.ts [sizes MB=10,1024] [runs=5]
+ * One `xenon up` stack; per size a project whose table holds about that much data, an image made
+ * after loading it. Measures: branch creation (API round trip: control plane + pageserver),
+ * branch creation → first answered query on the branch (through the proxy, TLS), and compute
+ * start → first query from the kept data directory vs from the pageserver (data directory
+ * deleted). Medians (min–max) over `runs`.
+ */
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import pg from 'pg';
+import { PageserverClient } from '../../pageserver/client.ts';
+import { startTestStack, type TestStack } from '../helpers/stack.ts';
+import { spread } from './harness.ts';
+
+const sizes = (process.argv[2] ?? '10,1024').split(',').map(Number);
+const runs = Number(process.argv[3] ?? 5);
+const teardowns: (() => unknown)[] = [];
+const stack = await startTestStack({ teardown: (fn) => void teardowns.push(fn) }, { XENON_SUSPEND_TIMEOUT_SECONDS: '0', XENON_STOP_TIMEOUT_SECONDS: '0' });
+const ps = new PageserverClient(stack.info.pageserver_url);
+
+async function firstQuery(endpoint: string, password: string, role: string, database: string): Promise<number> {
+  const t0 = performance.now();
+  const c = new pg.Client({ ...stack.pgConfig({ endpoint, password, user: role, database }), connectionTimeoutMillis: 300_000 });
+  await c.connect();
+  await c.query('SELECT 1');
+  const ms = performance.now() - t0;
+  await c.end();
+  return ms;
+}
+
+const dataDir = (s: TestStack, branch: string): string => join(s.dirs.data, 'computes', branch, 'pgdata');
+const rows: string[][] = [];
+
+try {
+  for (const mb of sizes) {
+    const p = await stack.api.createProject({ name: `bench-${mb}mb` });
+    const conn = { endpoint: p.endpoint.id, password: p.password, user: p.role.name, database: p.database.name };
+    const c = new pg.Client({ ...stack.pgConfig(conn), connectionTimeoutMillis: 120_000 });
+    await c.connect();
+    const t0 = performance.now();
+    // ~250 bytes per row on disk
+    await c.query(`CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 6) AS v FROM generate_series(1, ${Math.round((mb * 1024 * 1024) / 260)}) g`);
+    const size = Number((await c.query<{ s: string }>(`SELECT pg_database_size(current_database()) AS s`)).rows[0]!.s);
+    console.log(`${mb} MB: loaded ${(size / 1048576).toFixed(0)} MB in ${((performance.now() - t0) / 1000).toFixed(1)} s; making an image…`);
+    await c.query('CHECKPOINT');
+    const img = await ps.makeImage(p.project.id, p.branch.id);
+    console.log(`  image ${img.id}: ${(img.size / 1048576).toFixed(0)} MB`);
+    await c.end();
+
+    const create: number[] = [];
+    const first: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const t1 = performance.now();
+      const b = await stack.api.createBranch(p.project.id, { name: `b${i}` });
+      create.push(performance.now() - t1);
+      first.push(await firstQuery(b.endpoint!.id, p.password, p.role.name, p.database.name) + create[i]!);
+      await stack.api.endpointAction(b.endpoint!.id, 'stop');
+    }
+    const kept: number[] = [];
+    const fromPs: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      await stack.api.endpointAction(p.endpoint.id, 'stop');
+      kept.push(await firstQuery(p.endpoint.id, p.password, p.role.name, p.database.name));
+      await stack.api.endpointAction(p.endpoint.id, 'stop');
+      rmSync(dataDir(stack, p.branch.id), { recursive: true, force: true });
+      fromPs.push(await firstQuery(p.endpoint.id, p.password, p.role.name, p.database.name));
+    }
+    rows.push([`${(size / 1048576).toFixed(0)} MB`, spread(create), spread(first), spread(kept), spread(fromPs)]);
+    console.log(`  ${rows.at(-1)!.join(' | ')}`);
+  }
+  console.log('\n| database | branch creation, ms | creation → first query on the branch, ms | start from kept data dir → first query, ms | start from the pageserver → first query, ms |');
+  console.log('|---|---|---|---|---|');
+  for (const r of rows) console.log(`| ${r.join(' | ')} |`);
+} finally {
+  for (const fn of teardowns.reverse()) await fn();
+}
