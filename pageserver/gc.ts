@@ -45,6 +45,9 @@ export async function gcTimeline(o: GcOptions, t: string, tl: string): Promise<G
     // Under the timeline's lock, which branch creation holds while it checks and writes a child.
     // Throws PS_INDEX_CORRUPT when any index of the tenant is unreadable (it might be a child).
     const children = await o.timelines.children(t, tl);
+    // The cached map above was read at start; an index damaged since (by hand, by a disk) must
+    // stop GC as well: read every other index of the tenant afresh.
+    for (const id of (await o.timelines.tenantTimelines(t)).keys()) if (id !== tl) await o.timelines.read(t, id);
     const tip = parseLsn(idx.last_record_lsn);
     const oldCutoff = parseLsn(idx.gc_cutoff_lsn);
     const horizon = now.getTime() - o.pitrWindowSeconds * 1000;
