@@ -91,3 +91,26 @@ export class ConfigSource {
 export function stateDirFrom(env: Env): string {
   return resolve(env.XENON_STATE_DIR || join(homedir(), '.xenon'));
 }
+
+/** A safekeeper as the services name it: its id (replication slot, `application_name`) and URL. */
+export interface SafekeeperRef {
+  id: string;
+  url: string;
+}
+
+/** `XENON_SAFEKEEPERS`: `sk1=http://127.0.0.1:7676,sk2=…` → refs (ids unique, URLs http(s)). */
+export function parseSafekeepers(text: string | undefined): SafekeeperRef[] {
+  if (!text) return [];
+  const out: SafekeeperRef[] = [];
+  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+    const eq = part.indexOf('=');
+    const id = part.slice(0, eq);
+    const url = part.slice(eq + 1).replace(/\/+$/, '');
+    if (eq <= 0 || !/^[a-z][a-z0-9_]{0,30}$/.test(id) || !/^https?:\/\/[^\s]+$/.test(url)) {
+      throw new ConfigError(`bad safekeeper ${JSON.stringify(part)} in XENON_SAFEKEEPERS: use id=http://host:port (id of lower-case letters, digits, _)`);
+    }
+    if (out.some((r) => r.id === id)) throw new ConfigError(`safekeeper id ${id} appears twice in XENON_SAFEKEEPERS`);
+    out.push({ id, url });
+  }
+  return out;
+}

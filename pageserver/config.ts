@@ -1,13 +1,8 @@
 /** Pageserver configuration: the only file of pageserver/ that reads `process.env`. */
 import { join } from 'node:path';
-import { ConfigError, ConfigSource, parseFlags, stateDirFrom, type Env } from '../lib/config.ts';
+import { ConfigError, ConfigSource, parseFlags, parseSafekeepers, stateDirFrom, type Env, type SafekeeperRef } from '../lib/config.ts';
 import type { LogLevel } from '../lib/logger.ts';
 import { findPgBin } from '../lib/postgres.ts';
-
-export interface SafekeeperRef {
-  id: string;
-  url: string;
-}
 
 export interface PageserverConfig {
   readonly host: string;
@@ -35,22 +30,6 @@ export interface PageserverConfig {
   readonly exitWithParent: boolean;
 }
 
-/** `sk1=http://127.0.0.1:7676,sk2=…` → refs (ids unique, URLs http(s)); the format wake-compute parses. */
-export function parseSafekeepers(text: string | undefined): SafekeeperRef[] {
-  if (!text) return [];
-  const out: SafekeeperRef[] = [];
-  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
-    const eq = part.indexOf('=');
-    const id = part.slice(0, eq);
-    const url = part.slice(eq + 1).replace(/\/+$/, '');
-    if (eq <= 0 || !/^[a-z][a-z0-9_]{0,30}$/.test(id) || !/^https?:\/\/[^\s]+$/.test(url)) {
-      throw new ConfigError(`bad safekeeper ${JSON.stringify(part)} in XENON_SAFEKEEPERS: use id=http://host:port (id of lower-case letters, digits, _)`);
-    }
-    if (out.some((r) => r.id === id)) throw new ConfigError(`safekeeper id ${id} appears twice in XENON_SAFEKEEPERS`);
-    out.push({ id, url });
-  }
-  return out;
-}
 
 export function loadPageserverConfig(env: Env = process.env, argv: readonly string[] = process.argv.slice(2)): PageserverConfig {
   const c = new ConfigSource(env, parseFlags(argv));

@@ -3,7 +3,6 @@
  * timeline, images and WAL in an object store; branches as metadata; start plans and the WAL
  * resolver behind `restore_command`; GC within a PITR window. The HTTP contract is `api.ts`.
  */
-import { randomBytes } from 'node:crypto';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -23,60 +22,24 @@ import {
 } from './api.ts';
 import type { PageserverConfig } from './config.ts';
 import { gcTimeline, startGc } from './gc.ts';
-import { makeImage as realMakeImage, startImager as realStartImager } from './imager.ts';
+import { imageId, makeImage as realMakeImage, startImager as realStartImager } from './imager.ts';
 import { startIngest as realStartIngest } from './ingest.ts';
 import { lsnByTime as realLsnByTime } from './lsn-by-time.ts';
 import { createPageserverMetrics, type PageserverMetrics } from './metrics.ts';
 import { createObjectStore, isObjectNotFound } from './objectstore.ts';
 import { buildChain, checkTarget, ownStart, pickImage, WalResolver, type WalPeer } from './resolver.ts';
 import { checkId, newIndex, StoreTimelines } from './timelines.ts';
-import { keys, type ObjectStore, type Timelines } from './types.ts';
+import { keys, type ObjectStore } from './types.ts';
 
 export { loadPageserverConfig, type PageserverConfig } from './config.ts';
 export { LocalObjectStore, createObjectStore } from './objectstore.ts';
 export { StoreTimelines } from './timelines.ts';
 
-/** `startIngest` of `ingest.ts` (another module; injected so that tests can run without it). */
-export type StartIngest = (o: {
-  timelines: Timelines;
-  safekeepers: { id: string; url: string }[];
-  intervalMs: number;
-  logger: Logger;
-  now?: () => Date;
-}) => { close(): Promise<void>; pollNow(tenantId: string, timelineId: string): Promise<void>; quorumTip(timelineId: string): Promise<bigint | undefined> };
-
-/** `makeImage` of `imager.ts`. */
-export type MakeImage = (o: {
-  timelines: Timelines;
-  tenantId: string;
-  timelineId: string;
-  compute: AttachComputeRequest;
-  pgBin: string;
-  tmpDir: string;
-  logger: Logger;
-}) => Promise<ImageInfo>;
-
-/** `startImager` of `imager.ts`. */
-export type StartImager = (o: {
-  timelines: Timelines;
-  computes: Map<string, AttachComputeRequest>;
-  imageWalBytes: number;
-  intervalMs: number;
-  pgBin: string;
-  tmpDir: string;
-  logger: Logger;
-}) => { close(): Promise<void> };
-
-/** `lsnByTime` of `lsn-by-time.ts`. */
-export type LsnByTime = (o: {
-  timelines: Timelines;
-  tenantId: string;
-  timelineId: string;
-  time: Date;
-  pgBin: string;
-  tmpDir: string;
-  fetchSegment: (name: string) => Promise<Buffer>;
-}) => Promise<bigint>;
+/** The other modules' entry points, injected so that tests can run without them (or with doubles). */
+export type StartIngest = typeof realStartIngest;
+export type MakeImage = typeof realMakeImage;
+export type StartImager = typeof realStartImager;
+export type LsnByTime = typeof realLsnByTime;
 
 export interface PageserverDeps {
   logger: Logger;
@@ -137,9 +100,7 @@ export function parseAttachCompute(body: unknown): AttachComputeRequest {
 }
 
 /** Image id: the zero-padded hex LSN, so ids sort by LSN, and 6 random hex digits. */
-export function imageId(lsn: bigint): string {
-  return `${lsn.toString(16).toUpperCase().padStart(16, '0')}-${randomBytes(3).toString('hex')}`;
-}
+export { imageId };
 
 export async function startPageserver(config: PageserverConfig, deps: PageserverDeps): Promise<PageserverHandle> {
   const log = deps.logger;

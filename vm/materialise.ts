@@ -23,6 +23,7 @@ import { WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
 import { ensureOwnedDir, type RunAs } from '../lib/postgres.ts';
 import type { StartPlan } from '../pageserver/api.ts';
 import { markNotShutDown } from './pg-control.ts';
+import { writeFileDurably } from './wal-restore.ts';
 
 export interface MaterialiseOptions {
   /** Created fresh: refused when it exists and is not empty. Its parent receives `restore-wal.js`. */
@@ -99,7 +100,7 @@ export async function materialise(o: MaterialiseOptions): Promise<MaterialiseRes
       bytes += await downloadWal(join(dataDir, 'pg_wal'), plan.wal, runAs, fetchTimeoutMs, o.walConcurrency ?? 4);
       if (plan.image.kind === 'shutdown') await markNotShutDown(dataDir);
     } else {
-      await writeDurably(join(dataDir, 'recovery.signal'), Buffer.alloc(0), runAs);
+      await writeFileDurably(join(dataDir, 'recovery.signal'), Buffer.alloc(0), runAs);
       const script = join(dirname(dataDir), 'restore-wal.js');
       const tmp = `${script}.xenon-tmp`;
       await copyFile(RESTORE_WAL_SCRIPT, tmp);
@@ -341,17 +342,6 @@ async function downloadOne(dest: string, url: string, runAs: RunAs | undefined, 
   if (runAs) await chown(tmp, runAs.uid, runAs.gid);
   await rename(tmp, dest);
   return count.bytes;
-}
-
-async function writeDurably(path: string, data: Buffer, runAs: RunAs | undefined): Promise<void> {
-  const fh = await open(path, 'w', 0o600);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  if (runAs) await chown(path, runAs.uid, runAs.gid);
 }
 
 async function fsyncDir(dir: string): Promise<void> {

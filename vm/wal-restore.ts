@@ -13,7 +13,7 @@ import { formatLsn, parseLsn, parseSegmentFileName, segmentOf, segmentStart, WAL
 import type { RunAs } from '../lib/postgres.ts';
 import type { WalListing } from '../safekeeper/api.ts';
 import { SafekeeperClient } from '../safekeeper/client.ts';
-import { checkpointRecordEnd, readControlData } from './pg-control.ts';
+import { checkpointRecordEnd, markNotShutDown, readControlData } from './pg-control.ts';
 
 export interface WalSource {
   /** The safekeepers' timeline id (the branch id). */
@@ -59,7 +59,8 @@ async function readLocal(path: string, start: number, end: number): Promise<Buff
   }
 }
 
-async function writeFileDurably(path: string, data: Buffer, runAs: RunAs | undefined): Promise<void> {
+/** Writes `data` to a temporary name, fsyncs, hands it to `runAs` and renames it into place. */
+export async function writeFileDurably(path: string, data: Buffer, runAs: RunAs | undefined): Promise<void> {
   const tmp = `${path}.xenon-tmp`;
   const fh = await open(tmp, 'w', 0o600);
   try {
@@ -135,9 +136,20 @@ async function restore(dataDir: string, src: WalSource, runAs: RunAs | undefined
     try { await dir.sync(); } finally { await dir.close(); }
   }
   if (ctl.state === 'shut down' || ctl.state === 'shut down in recovery') {
-    await writeFileDurably(join(dataDir, 'recovery.signal'), Buffer.alloc(0), runAs);
-    out.settings = { ...RECOVERY_FROM_PG_WAL };
-    logger.warn('the data directory was shut down before the safekeepers\' end of WAL: archive recovery from pg_wal, then promotion', { checkpoint: formatLsn(ctl.checkpoint), upTo: src.upTo });
+    // The WAL after the shutdown checkpoint must be replayed. On the same Postgres timeline,
+    // crash recovery does it (pg_control marked as not shut down): no promotion, no new
+    // timeline, and no fork point before the quorum's end when that end lies inside a record.
+    // A timeline switch after the checkpoint needs archive recovery, which follows histories.
+    const tliOf = (f: WalListing['files'][number]): number => f.pg_timeline ?? parseInt(f.name.slice(0, 8), 16);
+    const switched = listing.files.some((f) => tliOf(f) > ctl.timeline);
+    if (!switched) {
+      await markNotShutDown(dataDir);
+      logger.warn('the data directory was shut down before the safekeepers\' end of WAL: crash recovery replays pg_wal on the same timeline', { checkpoint: formatLsn(ctl.checkpoint), upTo: src.upTo });
+    } else {
+      await writeFileDurably(join(dataDir, 'recovery.signal'), Buffer.alloc(0), runAs);
+      out.settings = { ...RECOVERY_FROM_PG_WAL };
+      logger.warn('the data directory was shut down before the safekeepers\' end of WAL, which switches timelines: archive recovery from pg_wal, then promotion', { checkpoint: formatLsn(ctl.checkpoint), upTo: src.upTo });
+    }
   }
   return out;
 }

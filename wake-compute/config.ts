@@ -1,6 +1,8 @@
 /** Control-plane configuration: the only file of wake-compute/ that reads `process.env`. */
 import { join } from 'node:path';
-import { ConfigError, ConfigSource, parseFlags, stateDirFrom, type Env } from '../lib/config.ts';
+import { ConfigError, ConfigSource, parseFlags, parseSafekeepers, stateDirFrom, type Env, type SafekeeperRef } from '../lib/config.ts';
+
+export { parseSafekeepers, type SafekeeperRef };
 import type { LogLevel } from '../lib/logger.ts';
 import { dataRootFor, findPgBin, pgRunAs, type RunAs } from '../lib/postgres.ts';
 
@@ -43,28 +45,7 @@ export interface ControlPlaneConfig {
   readonly exitWithParent: boolean;
 }
 
-export interface SafekeeperRef {
-  /** Its id: the replication slot and `application_name` it uses on computes. */
-  id: string;
-  url: string;
-}
 
-/** `sk1=http://127.0.0.1:7676,sk2=…` → refs (ids unique, URLs http(s)). */
-export function parseSafekeepers(text: string | undefined): SafekeeperRef[] {
-  if (!text) return [];
-  const out: SafekeeperRef[] = [];
-  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
-    const eq = part.indexOf('=');
-    const id = part.slice(0, eq);
-    const url = part.slice(eq + 1).replace(/\/+$/, '');
-    if (eq <= 0 || !/^[a-z][a-z0-9_]{0,30}$/.test(id) || !/^https?:\/\/[^\s]+$/.test(url)) {
-      throw new ConfigError(`bad safekeeper ${JSON.stringify(part)} in XENON_SAFEKEEPERS: use id=http://host:port (id of lower-case letters, digits, _)`);
-    }
-    if (out.some((r) => r.id === id)) throw new ConfigError(`safekeeper id ${id} appears twice in XENON_SAFEKEEPERS`);
-    out.push({ id, url });
-  }
-  return out;
-}
 
 function optionalUrl(v: string | undefined, name: string): string | undefined {
   if (!v) return undefined;

@@ -228,21 +228,28 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
     // Safekeepers first (computes commit only once a quorum has their WAL), stopped last.
     sks = await startSafekeepers(stateDir, env, baseEnv, logDir, o, () => stopping);
     const skList = env.XENON_SAFEKEEPERS ?? sks.map((k) => `${k.id}=${k.url}`).join(',');
-    // The pageserver next (it ingests the safekeepers' WAL; computes start from it), stopped
-    // after the control plane. XENON_PAGESERVER_URL: use that one instead of starting ours.
+    // The pageserver (it ingests the safekeepers' WAL; computes start from it) and the control
+    // plane next, side by side: the control plane only needs the pageserver's address, chosen
+    // here when "any free port" (0) is asked for. The pageserver is stopped after the control
+    // plane. XENON_PAGESERVER_URL: use that one instead of starting ours.
     let pageserverUrl = env.XENON_PAGESERVER_URL;
-    if (!pageserverUrl) {
-      const ps = await spawnService('pageserver', 'pageserver/main.ts', { ...baseEnv, XENON_SAFEKEEPERS: skList }, logDir, o.echoLogs);
-      services.push(ps);
-      pageserverUrl = String(ps.ready.url);
-    }
-    const cp = await spawnService('wake-compute', 'wake-compute/main.ts', {
-      ...baseEnv,
-      DATABASE_URL: env.DATABASE_URL ?? meta.url,
-      XENON_PAGESERVER_URL: pageserverUrl,
-      ...(env.XENON_SAFEKEEPERS === undefined ? { XENON_SAFEKEEPERS: skList } : {}),
-    }, logDir, o.echoLogs);
-    services.push(cp);
+    const psPort = env.XENON_PAGESERVER_PORT === '0' ? String(await findFreePort(30000, 39999)) : (env.XENON_PAGESERVER_PORT ?? '9898');
+    if (!pageserverUrl) pageserverUrl = `http://${env.XENON_PAGESERVER_HOST ?? '127.0.0.1'}:${psPort}`;
+    const starting = await Promise.allSettled([
+      env.XENON_PAGESERVER_URL ? Promise.resolve(undefined) : spawnService('pageserver', 'pageserver/main.ts', { ...baseEnv, XENON_PAGESERVER_PORT: psPort, XENON_SAFEKEEPERS: skList }, logDir, o.echoLogs),
+      spawnService('wake-compute', 'wake-compute/main.ts', {
+        ...baseEnv,
+        DATABASE_URL: env.DATABASE_URL ?? meta.url,
+        XENON_PAGESERVER_URL: pageserverUrl,
+        ...(env.XENON_SAFEKEEPERS === undefined ? { XENON_SAFEKEEPERS: skList } : {}),
+      }, logDir, o.echoLogs),
+    ]);
+    for (const r of starting) if (r.status === 'fulfilled' && r.value) services.push(r.value);
+    const failed = starting.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    const ps = starting[0].status === 'fulfilled' ? starting[0].value : undefined;
+    if (ps) pageserverUrl = String(ps.ready.url);
+    const cp = (starting[1] as PromiseFulfilledResult<ServiceProcess>).value;
     const apiUrl = String(cp.ready.url);
     const proxy = await spawnService('proxy', 'proxy/main.ts', { ...baseEnv, XENON_CONTROL_PLANE_URL: apiUrl }, logDir, o.echoLogs);
     services.push(proxy);

@@ -208,7 +208,8 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
   const runAs = pgRunAs(process.env);
   const restored = await restoreWal(scratch, { timelineId: branch, upTo: flush[1]!.lsn, safekeepers: flush.map((f) => f.url) }, runAs, createLogger({ level: 'error' }));
   t.ok(restored.restored.length >= 3, `restored ${restored.restored.length} WAL segments from the safekeepers`);
-  t.same(Object.keys(restored.settings).sort(), ['recovery_target_timeline', 'restore_command'], 'a cleanly shut down base replays them in archive recovery');
+  t.same(restored.settings, {}, 'a cleanly shut down base needs no recovery settings: it is marked for crash recovery, which replays the WAL on the same timeline');
+  t.equal((await readControlData(scratch)).state, 'in production', 'pg_control says "in production" (crash recovery at the next start)');
   const pgp = await PostgresProcess.start({
     bin: findPgBin(process.env), dataDir: scratch, port: await findFreePort(40000, 49999), runAs, logFile: join(work, 'scratch.log'),
     settings: { synchronous_standby_names: '', ...restored.settings },

@@ -85,7 +85,6 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     XENON_IDLE_CHECK_MS: '100',
     XENON_SAFEKEEPER_BASE_PORT: '0',
     XENON_PAGESERVER_PORT: '0',
-    XENON_PAGESERVER_INGEST_INTERVAL_MS: '300',
     XENON_PROXY_REPORT_INTERVAL_MS: '200',
     XENON_LOG_LEVEL: 'debug',
     ...(TAP_TS_LOADER ? { XENON_TS_LOADER: TAP_TS_LOADER } : {}),
