@@ -71,7 +71,8 @@ export type ImageKind = (typeof IMAGE_KINDS)[number];
 
 /**
  * An image: a tar of a data directory. `shutdown`: a cleanly shut down cluster (initdb, or a
- * scratch recovery), whose `pg_wal` holds its checkpoint record; `backup`: a `BASE_BACKUP`
+ * scratch recovery — a standby stopped at a checkpoint of the timeline's WAL, pg_control "shut
+ * down in recovery"), whose `pg_wal` holds its checkpoint record; `backup`: a `BASE_BACKUP`
  * (holds `backup_label`, empty `pg_wal`), consistent once WAL up to `end_lsn` is replayed.
  */
 export interface ImageInfo {

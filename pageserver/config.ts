@@ -2,7 +2,7 @@
 import { join } from 'node:path';
 import { ConfigError, ConfigSource, parseFlags, parseSafekeepers, stateDirFrom, type Env, type SafekeeperRef } from '../lib/config.ts';
 import type { LogLevel } from '../lib/logger.ts';
-import { findPgBin } from '../lib/postgres.ts';
+import { dataRootFor, findPgBin, pgRunAs, type RunAs } from '../lib/postgres.ts';
 
 export interface PageserverConfig {
   readonly host: string;
@@ -24,6 +24,17 @@ export interface PageserverConfig {
   /** A new `BASE_BACKUP` image once this much WAL has been written since the last image. */
   readonly imageWalBytes: number;
   readonly pgBin: string;
+  /**
+   * The OS user scratch Postgres (scratch images) runs as: `postgres` (or `$XENON_PG_USER`) when
+   * this process is root, else undefined (this user).
+   */
+  readonly runAs: RunAs | undefined;
+  /**
+   * Scratch data directories of scratch images (`XENON_PAGESERVER_SCRATCH_DATA_DIR`): reachable
+   * by `runAs`. Default `<dir>/tmp`, or as root `<data root>/pageserver-scratch` (lib/postgres.ts
+   * `dataRootFor`: `/var/lib/xenon/<hash>` unless `XENON_DATA_DIR`).
+   */
+  readonly scratchDataDir: string;
   /** The base URL computes reach this pageserver at (default: the address it listens on). */
   readonly publicUrl: string | undefined;
   readonly logLevel: LogLevel;
@@ -40,17 +51,21 @@ export function loadPageserverConfig(env: Env = process.env, argv: readonly stri
   }
   const storage = c.string('XENON_PAGESERVER_STORAGE', join(state, 'pageserver', 'objects'), 'storage');
   if (/^s3:\/\//i.test(storage)) throw new ConfigError(`XENON_PAGESERVER_STORAGE=${storage}: S3 object storage is not supported yet; use a local directory`);
+  const dir = c.string('XENON_PAGESERVER_DIR', join(state, 'pageserver'), 'dir');
+  const runAs = runAsOf(env);
   return Object.freeze({
     host: c.string('XENON_PAGESERVER_HOST', '127.0.0.1', 'host'),
     port: c.int('XENON_PAGESERVER_PORT', 9898, { min: 0, max: 65535, flag: 'port' }),
     storage,
-    dir: c.string('XENON_PAGESERVER_DIR', join(state, 'pageserver'), 'dir'),
+    dir,
     safekeepers: Object.freeze(parseSafekeepers(c.optionalString('XENON_SAFEKEEPERS'))),
     ingestIntervalMs: c.int('XENON_PAGESERVER_INGEST_INTERVAL_MS', 1000, { min: 10, max: 3_600_000 }),
     pitrWindowSeconds: c.int('XENON_PAGESERVER_PITR_WINDOW_SECONDS', 604800, { min: 0 }),
     gcIntervalSeconds: c.int('XENON_PAGESERVER_GC_INTERVAL_SECONDS', 600, { min: 0 }),
     imageWalBytes: c.int('XENON_PAGESERVER_IMAGE_WAL_BYTES', 64 * 1024 * 1024, { min: 16 * 1024 * 1024 }),
     pgBin: pgBinOf(env),
+    runAs,
+    scratchDataDir: c.string('XENON_PAGESERVER_SCRATCH_DATA_DIR', runAs ? join(dataRootFor(env, state), 'pageserver-scratch') : join(dir, 'tmp')),
     publicUrl: publicUrl?.replace(/\/+$/, ''),
     logLevel: c.logLevel(),
     exitWithParent: c.bool('XENON_EXIT_WITH_PARENT', false),
@@ -63,5 +78,14 @@ function pgBinOf(env: Env): string {
     return findPgBin(env);
   } catch {
     return env.XENON_PG_BIN || '/usr/lib/postgresql/15/bin';
+  }
+}
+
+/** `pgRunAs`; undefined when root has no user to run Postgres as (scratch images then fail, logged). */
+function runAsOf(env: Env): RunAs | undefined {
+  try {
+    return pgRunAs(env);
+  } catch {
+    return undefined;
   }
 }

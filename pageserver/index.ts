@@ -22,7 +22,7 @@ import {
 } from './api.ts';
 import type { PageserverConfig } from './config.ts';
 import { gcTimeline, startGc } from './gc.ts';
-import { imageId, makeImage as realMakeImage, startImager as realStartImager } from './imager.ts';
+import { imageId, makeImage as realMakeImage, makeScratchImage, startImager as realStartImager } from './imager.ts';
 import { startIngest as realStartIngest } from './ingest.ts';
 import { lsnByTime as realLsnByTime } from './lsn-by-time.ts';
 import { createPageserverMetrics, type PageserverMetrics } from './metrics.ts';
@@ -146,6 +146,8 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
   };
   const gc = startGc({ ...gcOpts, intervalSeconds: config.gcIntervalSeconds });
   const computes = new Map<string, AttachComputeRequest>();
+  let baseUrl = config.publicUrl ?? '';
+  let localUrl = '';
   const imager = startImager?.({
     timelines,
     computes,
@@ -154,8 +156,11 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
     pgBin: config.pgBin,
     tmpDir,
     logger: log.child({ component: 'imager' }),
+    // Scratch images of stopped timelines: the plan's URLs point at this very server.
+    plan: (t, tl) => resolver.plan(t, tl, undefined, localUrl || baseUrl, now()),
+    runAs: config.runAs,
+    scratchDir: config.scratchDataDir,
   });
-  let baseUrl = config.publicUrl ?? '';
 
   const tenantParam = (raw: string | undefined): string => checkId(raw, 'tenant id');
   const tlParam = (raw: string | undefined): string => checkId(raw, 'timeline id');
@@ -329,7 +334,16 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
     const tl = tlParam(params.tl);
     await timelines.read(t, tl);
     const compute = computes.get(`${t}/${tl}`);
-    if (!compute) throw new XenonError('PS_COMPUTE_NOT_ATTACHED', `${t}/${tl}: no compute attached`, { userMessage: `no running compute is attached to timeline ${tl}` });
+    if (!compute) {
+      // A stopped timeline: recover its newest image to its last checkpoint in a scratch Postgres.
+      if (!makeImage) throw new XenonError('PS_UNAVAILABLE', 'imaging is not available in this pageserver');
+      const plan = await resolver.plan(t, tl, undefined, localUrl || baseUrl, now());
+      const info = await makeScratchImage({
+        timelines, tenantId: t, timelineId: tl, plan, pgBin: config.pgBin, tmpDir: config.scratchDataDir, runAs: config.runAs,
+        logger: log.child({ component: 'imager', tenantId: t, timelineId: tl }),
+      });
+      return new HttpReply(201, info);
+    }
     if (!makeImage) throw new XenonError('PS_UNAVAILABLE', 'imaging is not available in this pageserver');
     const info = await makeImage({ timelines, tenantId: t, timelineId: tl, compute, pgBin: config.pgBin, tmpDir, logger: log.child({ component: 'imager', tenantId: t, timelineId: tl }) });
     return new HttpReply(201, info);
@@ -446,6 +460,7 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
 
   const http = await startHttpServer({ host: config.host, port: config.port, router, logger: log, registry });
   baseUrl ||= http.url;
+  localUrl = http.url;
   log.info('pageserver started', { url: http.url, storage: store.kind, safekeepers: config.safekeepers.length });
   let closing: Promise<void> | null = null;
   return {

@@ -20,12 +20,18 @@ export interface ControlData {
   redo: bigint;
   /** The Postgres timeline of the latest checkpoint. */
   timeline: number;
+  /**
+   * `minRecoveryPoint` (0 when unset): WAL up to here must be replayed before the data files are
+   * consistent (a standby's or a restartpoint's; offset 136 in PG 15: after `checkPointCopy`,
+   * 88 bytes at 40, and `unloggedLSN`).
+   */
+  minRecoveryPoint: bigint;
 }
 
 export async function readControlData(dataDir: string): Promise<ControlData> {
   const fh = await open(join(dataDir, 'global', 'pg_control'), 'r');
   try {
-    const buf = Buffer.alloc(52);
+    const buf = Buffer.alloc(144);
     const { bytesRead } = await fh.read(buf, 0, buf.length, 0);
     if (bytesRead < buf.length) throw new Error(`${dataDir}: pg_control is truncated`);
     const state = buf.readUInt32LE(16);
@@ -35,6 +41,7 @@ export async function readControlData(dataDir: string): Promise<ControlData> {
       checkpoint: buf.readBigUInt64LE(32),
       redo: buf.readBigUInt64LE(40),
       timeline: buf.readUInt32LE(48),
+      minRecoveryPoint: buf.readBigUInt64LE(136),
     };
   } finally {
     await fh.close();

@@ -21,9 +21,21 @@ export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
  * The TypeScript loader services run under: tsx, unless `XENON_TS_LOADER` names another
  * `--import` module (the test harness passes tap's, so coverage of child processes is real).
  */
-function tsLoader(env: Env): string {
-  if (env.XENON_TS_LOADER) return env.XENON_TS_LOADER;
+/**
+ * The TypeScript loader a service runs under: `XENON_TS_LOADER` (the test runner's, which also
+ * measures coverage) for the services listed in `XENON_TS_LOADER_SERVICES` (all when unset),
+ * else tsx.
+ */
+function tsLoader(env: Env, service: string): string {
+  if (env.XENON_TS_LOADER && (!env.XENON_TS_LOADER_SERVICES || env.XENON_TS_LOADER_SERVICES.split(',').includes(service))) return env.XENON_TS_LOADER;
   return pathToFileURL(createRequire(import.meta.url).resolve('tsx')).href;
+}
+
+/** A service outside `XENON_TS_LOADER_SERVICES` runs without the test runner's coverage collection. */
+function serviceEnv(env: NodeJS.ProcessEnv, service: string): NodeJS.ProcessEnv {
+  if (!env.XENON_TS_LOADER || !env.XENON_TS_LOADER_SERVICES || env.XENON_TS_LOADER_SERVICES.split(',').includes(service)) return env;
+  const { NODE_V8_COVERAGE: _c, NODE_OPTIONS: _o, ...rest } = env;
+  return rest;
 }
 
 export async function writeJsonAtomic(path: string, value: unknown, mode = 0o600): Promise<void> {
@@ -110,8 +122,9 @@ export interface ServiceProcess {
  */
 export function spawnService(name: string, mainPath: string, env: NodeJS.ProcessEnv, logDir: string, echo: boolean, readyAs = name, detached = false): Promise<ServiceProcess> {
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, ['--import', tsLoader(env), join(ROOT, mainPath)], {
-      env: { ...env, XENON_EXIT_WITH_PARENT: '1' },
+    const kind = name.replace(/^sk\d+$/, 'safekeeper');
+    const child = spawn(process.execPath, ['--import', tsLoader(env, kind), join(ROOT, mainPath)], {
+      env: { ...serviceEnv(env, kind), XENON_EXIT_WITH_PARENT: '1' },
       stdio: ['pipe', 'pipe', 'pipe'],
       detached,
     });

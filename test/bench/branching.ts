@@ -1,6 +1,6 @@
 /**
  * Branching and stateless-start benchmark (issue 6; not a tap test):
- *   node --import tsx test/bench/branching.ts [sizes MB=10,1024] [runs=5]
+ *   node --import tsx test/bench/branching.ts [sizes MB=10,1024] [runs=3]
  * One `xenon up` stack; per size a project whose table holds about that much data, an image made
  * after loading it. Measures: branch creation (API round trip: control plane + pageserver),
  * branch creation → first answered query on the branch (through the proxy, TLS), and compute
@@ -15,9 +15,9 @@ import { startTestStack, type TestStack } from '../helpers/stack.ts';
 import { spread } from './harness.ts';
 
 const sizes = (process.argv[2] ?? '10,1024').split(',').map(Number);
-const runs = Number(process.argv[3] ?? 5);
+const runs = Number(process.argv[3] ?? 3);
 const teardowns: (() => unknown)[] = [];
-const stack = await startTestStack({ teardown: (fn) => void teardowns.push(fn) }, { XENON_SUSPEND_TIMEOUT_SECONDS: '0', XENON_STOP_TIMEOUT_SECONDS: '0' });
+const stack = await startTestStack({ teardown: (fn) => void teardowns.push(fn) }, { XENON_SUSPEND_TIMEOUT_SECONDS: '0', XENON_STOP_TIMEOUT_SECONDS: '0', XENON_PAGESERVER_IMAGE_WAL_BYTES: String(1024 ** 4) });
 const ps = new PageserverClient(stack.info.pageserver_url);
 
 async function firstQuery(endpoint: string, password: string, role: string, database: string): Promise<number> {
@@ -49,6 +49,14 @@ try {
     console.log(`  image ${img.id}: ${(img.size / 1048576).toFixed(0)} MB`);
     await c.end();
 
+    // The pageserver alone: the metadata write of a branch (no control plane, no endpoint).
+    const psCreate: number[] = [];
+    for (let i = 0; i < 10; i++) {
+      const t1 = performance.now();
+      await ps.createTimeline(p.project.id, { new_timeline_id: `br-bench-${i}`, ancestor_timeline_id: p.branch.id });
+      psCreate.push(performance.now() - t1);
+      await ps.deleteTimeline(p.project.id, `br-bench-${i}`);
+    }
     const create: number[] = [];
     const first: number[] = [];
     for (let i = 0; i < runs; i++) {
@@ -67,11 +75,11 @@ try {
       rmSync(dataDir(stack, p.branch.id), { recursive: true, force: true });
       fromPs.push(await firstQuery(p.endpoint.id, p.password, p.role.name, p.database.name));
     }
-    rows.push([`${(size / 1048576).toFixed(0)} MB`, spread(create), spread(first), spread(kept), spread(fromPs)]);
+    rows.push([`${(size / 1048576).toFixed(0)} MB`, spread(psCreate), spread(create), spread(first), spread(kept), spread(fromPs)]);
     console.log(`  ${rows.at(-1)!.join(' | ')}`);
   }
-  console.log('\n| database | branch creation, ms | creation → first query on the branch, ms | start from kept data dir → first query, ms | start from the pageserver → first query, ms |');
-  console.log('|---|---|---|---|---|');
+  console.log('\n| database | pageserver timeline creation, ms | branch creation (API), ms | creation → first query on the branch, ms | start from kept data dir → first query, ms | start from the pageserver → first query, ms |');
+  console.log('|---|---|---|---|---|---|');
   for (const r of rows) console.log(`| ${r.join(' | ')} |`);
 } finally {
   for (const fn of teardowns.reverse()) await fn();

@@ -197,8 +197,9 @@ t.test('WAL resolver route, leases, GC, computes, images made now, LSN by time',
   t.match(gc, { timeline_id: 'main', removed_images: [], removed_wal: [] });
   await rejectsCode(t, c.gc('p', 'nope'), 'PS_TIMELINE_NOT_FOUND');
 
-  // Computes and images made now.
-  await rejectsCode(t, c.makeImage('p', 'main'), 'PS_COMPUTE_NOT_ATTACHED');
+  // Computes and images made now. Without a compute, a scratch recovery of the newest image is
+  // tried (imager-scratch.test.ts does it for real); this synthetic image is no data directory.
+  await rejectsCode(t, c.makeImage('p', 'main'), 'CP_COMPUTE_START_FAILED');
   for (const body of [{}, { host: 'h', port: 0, user: 'u', password: 'p' }, { host: 'h', port: 5432, user: '', password: 'p' }, { host: 'h h', port: 5432, user: 'u', password: 'p' }]) {
     r = await raw(`${ps.url}/v1/tenant/p/timeline/main/compute`, { method: 'PUT', body: JSON.stringify(body) });
     t.same([r.status, r.json.error?.code], [400, 'CP_BAD_REQUEST'], `bad compute ${JSON.stringify(body)}`);
@@ -209,7 +210,7 @@ t.test('WAL resolver route, leases, GC, computes, images made now, LSN by time',
   t.equal((await c.makeImage('p', 'main')).id, 'made');
   t.same(made, ['p/main@127.0.0.1:5432']);
   await c.detachCompute('p', 'main');
-  await rejectsCode(t, c.makeImage('p', 'main'), 'PS_COMPUTE_NOT_ATTACHED');
+  await rejectsCode(t, c.makeImage('p', 'main'), 'CP_COMPUTE_START_FAILED', 'detached: a scratch recovery again, not the compute');
 
   // LSN by time, and a branch at a time.
   t.equal(await c.lsnByTime('p', 'main', new Date()), L(at(1, 140)));

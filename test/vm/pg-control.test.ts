@@ -49,6 +49,7 @@ t.test('pg_control fields match pg_controldata, and a shutdown checkpoint ends w
     t.equal(formatLsn(ours.redo), theirs.get("Latest checkpoint's REDO location"), 'redo location');
     t.equal(String(ours.timeline), theirs.get("Latest checkpoint's TimeLineID"), 'timeline');
     t.equal(ours.state, theirs.get('Database cluster state'), 'state');
+    t.equal(formatLsn(ours.minRecoveryPoint), theirs.get('Minimum recovery ending location'), 'minRecoveryPoint');
     t.equal(ours.state, 'shut down');
     t.equal(formatLsn(checkpointRecordEnd(ours.checkpoint)), formatLsn(walEnd(cluster.dataDir, ours.checkpoint)), 'the shutdown checkpoint record ends where WAL ends');
     await cluster.start();
