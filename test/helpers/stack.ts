@@ -109,7 +109,7 @@ export async function startTestStack(t: Teardown, extraEnv: Record<string, strin
     child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
     exited = new Promise((r) => child.once('exit', (code) => r(code)));
     info = await new Promise<UpInfo>((res, rej) => {
-      const timer = setTimeout(() => rej(new Error(`xenon up did not become ready in 60 s: ${err}`)), 60_000);
+      const timer = setTimeout(() => rej(new Error(`xenon up did not become ready in 120 s: ${err}`)), 120_000);
       createInterface({ input: child.stdout! }).on('line', (line) => {
         try {
           const msg = JSON.parse(line) as UpInfo & { ready?: string };
