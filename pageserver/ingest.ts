@@ -334,8 +334,18 @@ export function startIngest(o: IngestOptions): IngestHandle {
       return schedule(`${tenantId}/${timelineId}`, () => pollTimeline(tenantId, timelineId));
     },
     async quorumTip(timelineId) {
-      const vs = await views(timelineId);
-      return vs.length >= quorum ? quorumLsn(vs.map((v) => v.flush), quorum) : undefined;
+      // Only the flush LSNs (a status call each), not the WAL listings: branch creation at the
+      // tip asks for this, and a listing grows with the WAL a safekeeper holds.
+      const flushes = (await Promise.all(members.map(async (m): Promise<bigint | undefined> => {
+        try {
+          const st = await m.client.status(timelineId);
+          return st ? parseLsn(st.flush_lsn) : 0n;
+        } catch (err) {
+          log.debug('safekeeper unreachable', { safekeeper: m.id, timeline_id: timelineId, err });
+          return undefined;
+        }
+      }))).filter((f): f is bigint => f !== undefined);
+      return flushes.length >= quorum ? quorumLsn(flushes, quorum) : undefined;
     },
   };
 }

@@ -50,6 +50,15 @@ try {
     const img = await ps.makeImage(p.project.id, p.branch.id);
     console.log(`  image ${img.id}: ${(img.size / 1048576).toFixed(0)} MB in ${((performance.now() - t1) / 1000).toFixed(1)} s`);
 
+    // Let the ingest catch up with the load's WAL first (it shares the pageserver's event loop
+    // with the requests measured below): until its WAL file count is stable for 3 s.
+    const t2 = performance.now();
+    for (let last = -1, stableSince = performance.now(); performance.now() - stableSince < 3000;) {
+      const n = (await ps.timeline(p.project.id, p.branch.id))!.wal_files;
+      if (n !== last) { last = n; stableSince = performance.now(); }
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    console.log(`  ingest settled after ${((performance.now() - t2) / 1000).toFixed(1)} s: ${(await ps.timeline(p.project.id, p.branch.id))!.wal_files} WAL files`);
     // The pageserver alone: the metadata write of a branch (no control plane, no endpoint).
     const psCreate: number[] = [];
     for (let i = 0; i < 10; i++) {
