@@ -4,7 +4,7 @@
  * directory; S3 is not supported yet (`createObjectStore` says so).
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { isAbsolute, join, resolve } from 'node:path';
 import { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
@@ -111,15 +111,18 @@ export class LocalObjectStore implements ObjectStore {
     return { size };
   }
 
-  async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
-    const path = this.path(key);
-    let fh;
+  /** Opens `key` for reading; `ObjectNotFoundError` when it does not exist. */
+  private async openObject(key: string): Promise<FileHandle> {
     try {
-      fh = await open(path, 'r');
+      return await open(this.path(key), 'r');
     } catch (err) {
       if (isEnoent(err)) throw new ObjectNotFoundError(key);
       throw err;
     }
+  }
+
+  async get(key: string, range?: { start: number; end: number }): Promise<Readable> {
+    const fh = await this.openObject(key);
     try {
       const size = (await fh.stat()).size;
       const r = checkRange(key, range, size);
@@ -135,14 +138,7 @@ export class LocalObjectStore implements ObjectStore {
   }
 
   async getBuffer(key: string, range?: { start: number; end: number }): Promise<Buffer> {
-    const path = this.path(key);
-    let fh;
-    try {
-      fh = await open(path, 'r');
-    } catch (err) {
-      if (isEnoent(err)) throw new ObjectNotFoundError(key);
-      throw err;
-    }
+    const fh = await this.openObject(key);
     try {
       const size = (await fh.stat()).size;
       const r = checkRange(key, range, size);
