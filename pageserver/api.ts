@@ -171,6 +171,19 @@ export interface AttachComputeRequest {
  * itself: a file the chain needs and nobody has is an error (HTTP 500 `PS_WAL_MISSING`; the
  * restore command then exits so that Postgres aborts recovery instead of ending it early).
  */
+/** One WAL file of a {@link StartPlan}. */
+export interface StartPlanWal {
+  name: string;
+  url: string;
+  /**
+   * The timeline whose stored copy is served, and (segments) the LSN the bytes are valid to
+   * (zeros after). The same `(owner, name, valid_to)` always serves the same bytes: a compute
+   * host may keep and reuse them.
+   */
+  owner?: string;
+  valid_to?: string;
+}
+
 export interface StartPlan {
   tenant_id: string;
   timeline_id: string;
@@ -183,7 +196,7 @@ export interface StartPlan {
    * `archive` may fetch them ahead (the same resolver URLs) so that `restore_command` finds
    * them locally instead of one HTTP fetch per call.
    */
-  wal: { name: string; url: string }[];
+  wal: StartPlanWal[];
   /** `archive`: prefix of the resolver URL for `restore_command` (`<restore_url><file>?upto=<lsn>`). */
   restore_url: string;
 }

@@ -383,8 +383,9 @@ export interface ImagerOptions {
 }
 
 /**
- * Every `intervalMs`, for each attached compute: an image when the timeline has none of its own,
- * or when `last_record_lsn` is more than `imageWalBytes` past the newest one. A failure (the
+ * Every `intervalMs`, for each attached compute: an image when `last_record_lsn` is more than
+ * `imageWalBytes` past the newest image of the timeline — for a timeline without one, past the
+ * image its start uses (`plan`: an ancestor's), or right away without `plan` or any image. A failure (the
  * compute stopping is normal) backs that timeline off exponentially, up to 32 intervals.
  * With `plan`: also, for each timeline without an attached compute that has an image of its own
  * and whose `last_record_lsn` is more than `imageWalBytes` past its newest one, a scratch image
@@ -409,7 +410,14 @@ export function startImager(o: ImagerOptions): { close(): Promise<void> } {
       }, undefined);
       const tip = parseLsn(ix.last_record_lsn);
       if (compute) {
-        if (newest !== undefined && tip - newest <= BigInt(o.imageWalBytes)) return;
+        let base = newest;
+        if (base === undefined && o.plan) {
+          // A branch starts from an ancestor's image: it gets one of its own once as much WAL
+          // passed since that one as between any two images (a copy of the whole database per
+          // new branch would make branching cost what it costs to copy the database).
+          base = await o.plan(tenantId, timelineId).then((p) => parseLsn(p.image.lsn), () => undefined);
+        }
+        if (base !== undefined && tip - base <= BigInt(o.imageWalBytes)) return;
         await makeImage({ timelines: o.timelines, tenantId, timelineId, compute, pgBin: o.pgBin, tmpDir: o.tmpDir, logger: o.logger });
       } else {
         // A stopped timeline: only one with an image of its own (else its start is an archive

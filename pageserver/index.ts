@@ -406,10 +406,13 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
     const upto = lsnParam(query.get('upto'), 'upto');
     const file = params.file ?? '';
     try {
-      const { data, outcome, owner } = await resolver.readFile(t, tl, file, upto);
+      const { data, outcome, owner, valid } = await resolver.readFile(t, tl, file, upto);
       metrics.resolverRequests.inc({ outcome });
-      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': data.length, 'x-wal-owner': owner });
-      res.end(data);
+      // `compact=1`: a segment without its zero tail (the client restores the file's size): a
+      // segment masked at a branch point is mostly zeros, not worth 16 MiB on the wire.
+      const body = query.get('compact') === '1' && valid < data.length ? data.subarray(0, valid) : data;
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': body.length, 'x-wal-owner': owner, 'x-wal-file-size': data.length });
+      res.end(body);
       return undefined;
     } catch (err) {
       const code = err instanceof XenonError ? err.code : 'INTERNAL';

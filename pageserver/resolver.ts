@@ -30,7 +30,7 @@ import {
   WAL_SEGMENT_SIZE,
 } from '../lib/lsn.ts';
 import type { WalListing } from '../safekeeper/api.ts';
-import type { ImageInfo, StartPlan, TimelineIndex } from './api.ts';
+import type { ImageInfo, StartPlan, StartPlanWal, TimelineIndex } from './api.ts';
 import { isObjectNotFound } from './objectstore.ts';
 import { keys, type Timelines } from './types.ts';
 
@@ -193,14 +193,16 @@ export class WalResolver {
 
   /**
    * Where the bytes [start of file, needEnd) of `name` owned by `owner` are: the store (a copy
-   * covering needEnd) or a safekeeper (a file reaching needEnd). Undefined: nobody has them.
+   * covering needEnd), else a safekeeper (a file reaching needEnd); `peers`: the safekeepers
+   * only. Empty: nobody has them. The store first: asking every safekeeper for its WAL listing
+   * costs three HTTP round trips and grows with the WAL they hold.
    */
-  async locate(chain: Chain, owner: string, name: string, needEnd: bigint | undefined, cache: ListingCache = new Map()): Promise<WalSource[]> {
+  async locate(chain: Chain, owner: string, name: string, needEnd: bigint | undefined, cache: ListingCache = new Map(), from: 'any' | 'peers' = 'any'): Promise<WalSource[]> {
     const t = chain.tenantId;
     const idx = chain.indexes.get(owner);
     const seg = parseSegmentFileName(name);
     const out: WalSource[] = [];
-    for (const cand of seg ? [name, `${name}.partial`] : [name]) {
+    for (const cand of from === 'peers' ? [] : seg ? [name, `${name}.partial`] : [name]) {
       const key = keys.wal(t, owner, cand);
       const head = await this.o.timelines.store.head(key);
       if (!head) continue;
@@ -211,6 +213,7 @@ export class WalResolver {
       }
       out.push({ kind: 'store', key });
     }
+    if (out.length) return out;
     for (let i = 0; i < this.o.peers.length; i++) {
       const l = await this.listing(cache, i, owner);
       const f = l?.files.find((x) => x.name === name || x.name === `${name}.partial`);
@@ -219,6 +222,24 @@ export class WalResolver {
       out.push({ kind: 'safekeeper', peer: this.o.peers[i]!, file: f.name });
     }
     return out;
+  }
+
+  /** The bytes of the first source of `name` that reads: the store's, else a safekeeper's. */
+  private async readFirst(chain: Chain, owner: string, name: string, needEnd: bigint | undefined, onError: (err: unknown) => void): Promise<{ data: Buffer; kind: WalSource['kind'] } | undefined> {
+    const cache: ListingCache = new Map();
+    let sources = await this.locate(chain, owner, name, needEnd, cache);
+    for (;;) {
+      for (const src of sources) {
+        try {
+          return { data: await this.readSource(chain, owner, src), kind: src.kind };
+        } catch (err) {
+          onError(err);
+        }
+      }
+      // Every store copy failed to read: the safekeepers' copies next (once).
+      if (!sources.length || sources.some((s) => s.kind !== 'store')) return undefined;
+      sources = await this.locate(chain, owner, name, needEnd, cache, 'peers');
+    }
   }
 
   private async readSource(chain: Chain, owner: string, src: WalSource): Promise<Buffer> {
@@ -230,7 +251,7 @@ export class WalResolver {
    * The bytes of WAL file `name` as timeline (t, tl) sees it at `upto` (default: its tip):
    * a history file, or a 16 MiB segment masked from min(upto, piece end).
    */
-  async readFile(t: string, tl: string, name: string, upto?: bigint): Promise<{ data: Buffer; outcome: ResolveOutcome; owner: string }> {
+  async readFile(t: string, tl: string, name: string, upto?: bigint): Promise<{ data: Buffer; outcome: ResolveOutcome; owner: string; valid: number }> {
     const seg = parseSegmentFileName(name);
     const hist = /^([0-9A-F]{8})\.history$/.exec(name);
     if ((!seg || seg.partial) && !hist) {
@@ -250,14 +271,8 @@ export class WalResolver {
       const tli = parseInt(hist[1]!, 16);
       const piece = chain.pieces.find((p) => p.pgTimeline === tli);
       if (!piece || tli === 1) throw walNotFound(name, `Postgres timeline ${tli} is not in this branch's history at ${formatLsn(target)}`);
-      const sources = await this.locate(chain, piece.owner, name, undefined);
-      for (const src of sources) {
-        try {
-          return { data: await this.readSource(chain, piece.owner, src), outcome: src.kind, owner: piece.owner };
-        } catch (err) {
-          this.o.logger.warn('reading a history file failed; trying the next source', { file: name, owner: piece.owner, err });
-        }
-      }
+      const got = await this.readFirst(chain, piece.owner, name, undefined, (err) => this.o.logger.warn('reading a history file failed; trying the next source', { file: name, owner: piece.owner, err }));
+      if (got) return { data: got.data, outcome: got.kind, owner: piece.owner, valid: got.data.length };
       throw walMissing(t, piece.owner, name, 'neither the object store nor a safekeeper has it');
     }
     const { tli, segno } = seg!;
@@ -271,16 +286,12 @@ export class WalResolver {
     }
     if (piece.pgTimeline !== tli) throw walNotFound(name, `the branch reads this segment on Postgres timeline ${piece.pgTimeline}`);
     const maskFrom = min(target, piece.end, start + SEG);
-    const sources = await this.locate(chain, piece.owner, name, maskFrom);
-    for (const src of sources) {
-      let data: Buffer;
-      try {
-        data = await this.readSource(chain, piece.owner, src);
-      } catch (err) {
-        if (!isObjectNotFound(err)) this.o.logger.warn('reading a WAL segment failed; trying the next source', { file: name, owner: piece.owner, err });
-        continue;
-      }
-      return { data: maskSegment(data, Number(maskFrom - start)), outcome: src.kind, owner: piece.owner };
+    const got = await this.readFirst(chain, piece.owner, name, maskFrom, (err) => {
+      if (!isObjectNotFound(err)) this.o.logger.warn('reading a WAL segment failed; trying the next source', { file: name, owner: piece.owner, err });
+    });
+    if (got) {
+      const valid = Number(maskFrom - start);
+      return { data: maskSegment(got.data, valid), outcome: got.kind, owner: piece.owner, valid };
     }
     throw walMissing(t, piece.owner, name, `neither the object store nor a safekeeper has it up to ${formatLsn(maskFrom)}`);
   }
@@ -323,7 +334,7 @@ export class WalResolver {
     const walUrl = `${baseUrl}/v1/tenant/${t}/timeline/${tl}/wal/`;
 
     // History files of every Postgres timeline of the chain after the first.
-    const wal: { name: string; url: string }[] = [];
+    const wal: StartPlanWal[] = [];
     const seen = new Set<number>();
     for (const p of chain.pieces) {
       if (p.pgTimeline === 1 || seen.has(p.pgTimeline)) continue;
@@ -332,7 +343,7 @@ export class WalResolver {
       if ((await this.locate(chain, p.owner, name, undefined, cache)).length === 0) {
         throw walMissing(t, p.owner, name, 'neither the object store nor a safekeeper has it');
       }
-      wal.push({ name, url: walUrl + name + q });
+      wal.push({ name, url: walUrl + name + q, owner: p.owner });
     }
     // Segments from the image's redo segment to the one holding target-1.
     if (target > imageLsn) {
@@ -350,7 +361,7 @@ export class WalResolver {
         if ((await this.locate(chain, piece.owner, name, needEnd, cache)).length === 0) {
           throw walMissing(t, piece.owner, name, `neither the object store nor a safekeeper has it up to ${formatLsn(needEnd)}`);
         }
-        wal.push({ name, url: walUrl + name + q });
+        wal.push({ name, url: walUrl + name + q, owner: piece.owner, valid_to: formatLsn(needEnd) });
       }
     }
     const inRange = chain.pieces.filter((p) => p.end > imageLsn && p.begin < target);

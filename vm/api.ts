@@ -87,4 +87,16 @@ export interface ComputeDriver {
   destroyData(dataKey: string): Promise<void>;
   /** Stops every compute. */
   close(): Promise<void>;
+  /**
+   * Whether the driver keeps images of the pageserver on its host (then {@link warmImage} is
+   * worth calling: a later start from that image skips the download).
+   */
+  readonly cachesImages?: boolean;
+  /**
+   * Fetches what a start from `plan` needs (its image, its unchanging WAL files) into the host's
+   * cache ahead of the start; false when there is no cache (or it failed: logged).
+   */
+  warmImage?(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean>;
+  /** The host's image cache, for metrics. */
+  imageCacheStats?(): { enabled: boolean; entries: number; bytes: number; hits: number; misses: number; walHits: number; walMisses: number };
 }

@@ -10,7 +10,8 @@ import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { parseLsn } from '../lib/lsn.ts';
 import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
-import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus, ControlData } from './api.ts';
+import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus, ControlData, StartPlan } from './api.ts';
+import { ImageCache } from './image-cache.ts';
 import { materialise, type MaterialiseResult } from './materialise.ts';
 import { readControlData } from './pg-control.ts';
 import { tarDirectory } from './tar.ts';
@@ -30,6 +31,11 @@ export interface ProcessDriverOptions {
   freezer?: 'auto' | 'cgroup' | 'signal';
   readyTimeoutMs?: number;
   stopTimeoutMs?: number;
+  /**
+   * The host's image cache under `<dataRoot>/image-cache` (used where the file system clones
+   * files; see image-cache.ts): its size bound in bytes, or `false` for none.
+   */
+  imageCache?: { maxBytes: number } | false;
   logger: Logger;
 }
 
@@ -57,6 +63,7 @@ export class ProcessDriver implements ComputeDriver {
   private constructor(
     private readonly opts: ProcessDriverOptions,
     private readonly freezer: Freezer,
+    private readonly cache: ImageCache | undefined,
   ) {}
 
   static async create(opts: ProcessDriverOptions): Promise<ProcessDriver> {
@@ -65,8 +72,23 @@ export class ProcessDriver implements ComputeDriver {
     await mkdir(opts.logDir, { recursive: true });
     const scope = createHash('sha256').update(opts.dataRoot).digest('hex').slice(0, 12);
     const freezer = await createFreezer(scope, opts.freezer ?? 'auto');
-    opts.logger.info('process driver ready', { freezer: freezer.kind, dataRoot: opts.dataRoot });
-    return new ProcessDriver(opts, freezer);
+    const cache = opts.imageCache
+      ? await ImageCache.open({ dir: join(opts.dataRoot, 'image-cache'), runAs: opts.runAs, logger: opts.logger.child({ component: 'image-cache' }), maxBytes: opts.imageCache.maxBytes })
+      : undefined;
+    opts.logger.info('process driver ready', { freezer: freezer.kind, dataRoot: opts.dataRoot, imageCache: cache?.enabled ?? false });
+    return new ProcessDriver(opts, freezer, cache);
+  }
+
+  get cachesImages(): boolean {
+    return this.cache?.enabled ?? false;
+  }
+
+  imageCacheStats(): ReturnType<ImageCache['stats']> {
+    return this.cache?.stats() ?? { enabled: false, entries: 0, bytes: 0, hits: 0, misses: 0, walHits: 0, walMisses: 0 };
+  }
+
+  warmImage(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean> {
+    return this.cache ? this.cache.warm(plan) : Promise.resolve(false);
   }
 
   get freezerKind(): Freezer['kind'] {
@@ -110,9 +132,9 @@ export class ProcessDriver implements ComputeDriver {
     if (!(await this.hasData(spec.dataKey))) {
       if (!spec.plan) throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
       await rm(dataDir, { recursive: true, force: true }); // a half-made dir from an interrupted start
-      materialised = await materialise({ dataDir, plan: spec.plan, runAs: this.opts.runAs, logger: log });
+      materialised = await materialise({ dataDir, plan: spec.plan, runAs: this.opts.runAs, logger: log, ...(this.cache ? { cache: this.cache } : {}) });
       log.info('compute data materialised from the pageserver', {
-        mode: spec.plan.mode, image: spec.plan.image.id, kind: spec.plan.image.kind, lsn: spec.plan.lsn, walFiles: spec.plan.wal.length, bytes: materialised.bytes, ms: materialised.ms,
+        mode: spec.plan.mode, image: spec.plan.image.id, kind: spec.plan.image.kind, lsn: spec.plan.lsn, walFiles: spec.plan.wal.length, bytes: materialised.bytes, ms: materialised.ms, cache: materialised.cache,
       });
     }
     const logFile = join(this.opts.logDir, `${spec.computeId}.log`);

@@ -24,6 +24,10 @@ export interface ControlPlaneConfig {
   readonly idleCheckIntervalMs: number;
   readonly maxWakeCacheMs: number;
   readonly freezer: 'auto' | 'cgroup' | 'signal';
+  /** Bound of the compute host's image cache (0: no cache; used only where files can be cloned). */
+  readonly imageCacheMaxBytes: number;
+  /** How often images of recently active branches are fetched into the cache ahead (0: never). */
+  readonly imageWarmIntervalMs: number;
   /** Extra `postgresql.conf` settings for every compute, `k=v,k=v`. */
   readonly computeSettings: Readonly<Record<string, string>>;
   /**
@@ -89,6 +93,8 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
     idleCheckIntervalMs: c.int('XENON_IDLE_CHECK_MS', 1000, { min: 10 }),
     maxWakeCacheMs: c.int('XENON_WAKE_CACHE_MS', 30_000, { min: 0 }),
     freezer,
+    imageCacheMaxBytes: c.int('XENON_IMAGE_CACHE_MAX_BYTES', 20 * 1024 ** 3, { min: 0, max: Number.MAX_SAFE_INTEGER }),
+    imageWarmIntervalMs: c.int('XENON_IMAGE_CACHE_WARM_MS', 30_000, { min: 0 }),
     computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),
     safekeepers: Object.freeze(parseSafekeepers(c.optionalString('XENON_SAFEKEEPERS'))),
     pageserverUrl: optionalUrl(c.optionalString('XENON_PAGESERVER_URL'), 'XENON_PAGESERVER_URL'),

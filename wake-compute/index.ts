@@ -141,6 +141,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       portRange: config.computePortRange,
       settings: config.computeSettings,
       freezer: config.freezer,
+      imageCache: config.imageCacheMaxBytes > 0 ? { maxBytes: config.imageCacheMaxBytes } : false,
       logger: logger.child({ component: 'vm' }),
     }));
 
@@ -163,6 +164,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     storage,
     logger: logger.child({ component: 'lifecycle' }),
     idleCheckIntervalMs: config.idleCheckIntervalMs,
+    imageWarmIntervalMs: config.imageWarmIntervalMs,
     maxWakeCacheMs: config.maxWakeCacheMs,
     onTransition: (_id, from, to, ms) => {
       transitions.inc({ from, to });
@@ -179,6 +181,22 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       for (const [state, n] of counts) this.set({ state }, n);
     },
   });
+
+  if (driver.imageCacheStats) {
+    const stats = driver.imageCacheStats.bind(driver);
+    new Gauge({
+      name: 'xenon_image_cache_bytes', help: 'Bytes of pageserver images unpacked in the compute host\'s cache (0 where the file system cannot clone files)', registers: [registry],
+      collect() { this.set(stats().bytes); },
+    });
+    new Gauge({
+      name: 'xenon_image_cache_lookups', help: 'Image cache lookups since start (starts and warm-ups), by result', labelNames: ['result'], registers: [registry],
+      collect() { const s = stats(); this.set({ result: 'hit' }, s.hits); this.set({ result: 'miss' }, s.misses); },
+    });
+    new Gauge({
+      name: 'xenon_image_cache_wal_lookups', help: 'WAL files of starts found in (hit) or downloaded past (miss) the compute host\'s cache since start', labelNames: ['result'], registers: [registry],
+      collect() { const s = stats(); this.set({ result: 'hit' }, s.walHits); this.set({ result: 'miss' }, s.walMisses); },
+    });
+  }
 
   const host = (id: string): string => `${id}.${config.domain}`;
   const epOut = (r: EndpointRow) =>

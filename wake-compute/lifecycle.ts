@@ -39,13 +39,24 @@ interface Runtime {
   wal?: { timelineId: string; generation: number };
   /** The running compute is attached to the pageserver under this (tenant, timeline). */
   attached?: { projectId: string; branchId: string };
+  /** The branch of its last start (whose images the host's cache keeps warm for a while). */
+  branch?: { projectId: string; branchId: string };
 }
+
+/** Branches of endpoints active within this long have their newest image kept in the host's cache. */
+const WARM_WINDOW_MS = 24 * 3600_000;
 
 export interface ComputeManagerOptions {
   store: MetadataStore;
   driver: ComputeDriver;
   logger: Logger;
   idleCheckIntervalMs: number;
+  /**
+   * How often the newest image of each recently active branch is fetched into the compute host's
+   * image cache, so that a start or a new child branch clones it (0 or absent: never; also
+   * nothing where the driver keeps no cache).
+   */
+  imageWarmIntervalMs?: number;
   /** Upper bound of how long a proxy may reuse a wake answer. */
   maxWakeCacheMs: number;
   now?: () => number;
@@ -67,6 +78,8 @@ export class ComputeManager {
   /** Per proxy: what its caches must drop since its last report. */
   private readonly invalidations = new Map<string, { wake: Set<string>; access: Set<string> }>();
   private timer?: NodeJS.Timeout;
+  private warmTimer?: NodeJS.Timeout;
+  private warming = false;
   private closing = false;
   private readonly now: () => number;
 
@@ -87,6 +100,43 @@ export class ComputeManager {
     await this.o.store.pool.query(`UPDATE endpoints SET state = 'stopped' WHERE state <> 'stopped'`);
     this.timer = setInterval(() => this.tick(), this.o.idleCheckIntervalMs);
     this.timer.unref();
+    const warmMs = this.o.imageWarmIntervalMs ?? 0;
+    if (warmMs > 0 && this.o.storage && this.o.driver.cachesImages && this.o.driver.warmImage) {
+      this.warmTimer = setInterval(() => void this.warmImages(), warmMs);
+      this.warmTimer.unref();
+    }
+  }
+
+  /**
+   * Fetches, into the compute host's image cache, the image a start at the tip of each recently
+   * active branch would use (the one a new child branch at its tip uses too). One pass at a time.
+   */
+  async warmImages(): Promise<number> {
+    const storage = this.o.storage;
+    const driver = this.o.driver;
+    if (this.warming || this.closing || !storage || !driver.warmImage) return 0;
+    this.warming = true;
+    let warmed = 0;
+    try {
+      const seen = new Set<string>();
+      for (const rt of [...this.runtimes.values()]) {
+        const b = rt.branch;
+        if (!b || seen.has(b.branchId) || this.now() - rt.lastActive > WARM_WINDOW_MS || this.retired.has(rt.id)) continue;
+        seen.add(b.branchId);
+        let plan: StartPlan | undefined;
+        try {
+          plan = await storage.storedTipPlan(b.projectId, b.branchId);
+        } catch (err) {
+          this.o.logger.debug('no start plan to warm the image cache with', { branch: b.branchId, err: (err as Error).message });
+          continue;
+        }
+        if (plan && await driver.warmImage(plan)) warmed++;
+        if (this.closing) break;
+      }
+    } finally {
+      this.warming = false;
+    }
+    return warmed;
   }
 
   private runtime(row: EndpointRow): Runtime {
@@ -209,6 +259,7 @@ export class ComputeManager {
     await this.setState(rt, 'starting');
     await this.o.store.recordEvent(rt.id, 'start');
     let branchRow: Awaited<ReturnType<MetadataStore['branchById']>>;
+    let attaching: Promise<void> | undefined;
     try {
       const branch = (branchRow = await this.o.store.branchById(row.branch_id));
       let plan: StartPlan | undefined;
@@ -223,31 +274,39 @@ export class ComputeManager {
         }
       }
       const sk = this.o.safekeepers;
+      rt.branch = { projectId: branch.project_id, branchId: branch.id };
+      // The pageserver learns of the compute (for images) while the safekeepers connect to it.
+      const attach = async (address: ComputeAddress): Promise<void> => {
+        if (!this.o.storage) return;
+        rt.attached = { projectId: branch.project_id, branchId: branch.id };
+        await this.o.storage.attach(branch.project_id, branch.id, { host: address.host, port: address.port, user: ADMIN_ROLE, password: branch.admin_password });
+      };
       if (sk?.enabled) {
         // Where the committed WAL ends is known only to a safekeeper majority: the compute starts
         // with WAL up to there (fetched into pg_wal when its disk lacks it), as a new generation,
         // which first fences older computes on the safekeepers (so the start point is final).
         const generation = await this.o.store.nextGeneration(branch.id);
         const sp = await sk.startPoint(branch.id, generation);
-        rt.address = await this.o.driver.start({
+        const address = (rt.address = await this.o.driver.start({
           computeId: rt.id,
           dataKey: branch.id,
           settings: sk.computeSettings(generation),
           wal: { timelineId: branch.id, upTo: sp.upTo, safekeepers: sp.order },
           ...(plan ? { plan } : {}),
-        });
+        }));
         rt.wal = { timelineId: branch.id, generation };
-        await sk.follow(branch.id, generation, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password }, sp);
+        attaching = attach(address);
+        attaching.catch(() => {}); // awaited below; not an unhandled rejection meanwhile
+        await sk.follow(branch.id, generation, { host: address.host, port: address.port, user: ADMIN_ROLE, password: branch.admin_password }, sp);
         this.o.logger.info('safekeepers follow the compute', { endpoint: rt.id, generation, startLsn: sp.upTo });
+        await attaching;
       } else {
         rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id, ...(plan ? { plan } : {}) });
-      }
-      if (this.o.storage) {
-        rt.attached = { projectId: branch.project_id, branchId: branch.id };
-        await this.o.storage.attach(branch.project_id, branch.id, { host: rt.address.host, port: rt.address.port, user: ADMIN_ROLE, password: branch.admin_password });
+        await attach(rt.address);
       }
     } catch (err) {
       this.o.logger.error('compute start failed', { endpoint: rt.id, err });
+      await attaching?.catch(() => {}); // settled before the detach in releaseWal
       await this.o.store.recordEvent(rt.id, 'start_failed', (err as Error).message.slice(0, 2000)).catch(() => {});
       await this.o.driver.stop(rt.id).catch(() => {});
       await this.releaseWal(rt, false);
@@ -466,6 +525,7 @@ export class ComputeManager {
   async close(): Promise<void> {
     this.closing = true;
     if (this.timer) clearInterval(this.timer);
+    if (this.warmTimer) clearInterval(this.warmTimer);
     await Promise.all([...this.runtimes.values()].map((rt) =>
       this.withLock(rt, () => this.doStop(rt)).catch((err: Error) => this.o.logger.error('stop on close failed', { endpoint: rt.id, err })),
     ));

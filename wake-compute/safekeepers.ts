@@ -197,7 +197,8 @@ export class SafekeeperSet {
   }
 
   private async streaming(timelineId: string, generation: number, progress: { errors: string; done: boolean }): Promise<void> {
-    for (let wait = 5; !progress.done && !this.closed; wait = Math.min(wait * 2, 100)) {
+    // A short poll: this wait is on the path of every cold start (a status call costs ~1 ms).
+    for (let wait = 5; !progress.done && !this.closed; wait = Math.min(wait * 2, 20)) {
       const st = await this.statuses(timelineId);
       const ok = st.filter((s) => s && s !== 'unreachable' && s.generation === generation && s.streaming).length;
       if (ok >= this.quorum) return;

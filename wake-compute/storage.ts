@@ -67,6 +67,19 @@ export class Storage {
     return this.call('plan the compute start', () => this.client.startPlan(projectId, branchId));
   }
 
+  /**
+   * The plan of a start at the end of the WAL the pageserver holds for the branch (its own, else
+   * its branch point): the image a start or a child branch at the tip will use, asked without
+   * the safekeepers' newer tip (whose WAL may not be ingested yet). Undefined for a branch with
+   * no WAL anywhere yet.
+   */
+  async storedTipPlan(projectId: string, branchId: string): Promise<StartPlan | undefined> {
+    const status = await this.call('read the branch', () => this.client.timeline(projectId, branchId));
+    const lsn = status?.wal_range?.end_lsn ?? status?.ancestor_lsn ?? undefined;
+    if (!lsn) return undefined;
+    return this.call('plan the compute start', () => this.client.startPlan(projectId, branchId, lsn));
+  }
+
   /** Best effort: images are an optimisation of later starts, never a reason to fail this one. */
   async attach(projectId: string, branchId: string, compute: { host: string; port: number; user: string; password: string }): Promise<void> {
     await this.client.attachCompute(projectId, branchId, compute).catch((err: Error) =>

@@ -168,6 +168,14 @@ t.test('WAL resolver route, leases, GC, computes, images made now, LSN by time',
   t.equal(seg1.length, WAL_SEGMENT_SIZE);
   const seg2 = await c.readWal('p', 'main', segmentFileName(1, 2n));
   t.ok(seg2.subarray(0, 1000).every((b) => b === 2) && seg2.subarray(1000).every((b) => b === 0), 'partial segment masked at the tip');
+  // compact=1: the same segment without its zero tail, and the file's size in a header.
+  const compact = await fetch(`${ps.url}/v1/tenant/p/timeline/main/wal/${segmentFileName(1, 2n)}?compact=1`);
+  const compactBody = Buffer.from(await compact.arrayBuffer());
+  t.equal(compact.headers.get('x-wal-file-size'), String(WAL_SEGMENT_SIZE));
+  t.equal(compactBody.length, 1000, 'only the bytes before the mask');
+  t.ok(Buffer.concat([compactBody, Buffer.alloc(WAL_SEGMENT_SIZE - 1000)]).equals(seg2), 'padded with zeros: the same file');
+  const whole = await fetch(`${ps.url}/v1/tenant/p/timeline/main/wal/${segmentFileName(1, 1n)}?upto=${L(at(2, 1000))}&compact=1`);
+  t.equal((await whole.arrayBuffer()).byteLength, WAL_SEGMENT_SIZE, 'a segment without a masked tail is sent whole');
   let r = await raw(`${ps.url}/v1/tenant/p/timeline/main/wal/${segmentFileName(2, 1n)}?upto=${L(at(2, 1000))}`);
   t.same([r.status, r.json.error?.code], [404, 'PS_WAL_NOT_FOUND'], 'what restore_command reads as "no such file"');
   r = await raw(`${ps.url}/v1/tenant/p/timeline/main/wal/${segmentFileName(1, 1n)}?upto=nope`);

@@ -8,7 +8,8 @@ import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import t from 'tap';
 import { silentLogger } from '../../lib/logger.ts';
-import { parseLsn, segmentOf } from '../../lib/lsn.ts';
+import { formatLsn, parseLsn, segmentOf } from '../../lib/lsn.ts';
+import type { StartPlan } from '../../pageserver/api.ts';
 import { findFreePort, findPgBin, pgRunAs, PostgresProcess } from '../../lib/postgres.ts';
 import { imageId, makeImage, parseBackupManifest, startImager } from '../../pageserver/imager.ts';
 import { startIngest } from '../../pageserver/ingest.ts';
@@ -124,4 +125,32 @@ t.test('startImager: a first image, a new one after imageWalBytes of WAL, backof
   t.same((await timelines.read(TENANT, 'br-imager-dead')).images, []);
   await imager.close();
   t.same(readdirSync(scratch), [], 'no temp dirs left');
+});
+
+t.test('startImager with a start plan: a branch gets its first image only once enough WAL passed since the image its start uses', async (t) => {
+  const TL = 'br-imager-branch';
+  const c = await streamingCompute(t, TL);
+  const timelines = testTimelines(t);
+  await timelines.create(TENANT, TL);
+  const ingest = startIngest({ timelines, safekeepers: c.members, intervalMs: 100, logger: silentLogger });
+  t.teardown(() => ingest.close());
+  await waitFor('the ingested tip', async () => parseLsn((await timelines.read(TENANT, TL)).last_record_lsn) > 0n || undefined);
+  // The ancestor image a start of this branch uses (what the resolver's plan names): at the tip now.
+  const ancestorImageLsn = await currentLsn(c.pgc);
+  const plans: string[] = [];
+  const plan = async (tenant: string, tl: string): Promise<StartPlan> => {
+    plans.push(`${tenant}/${tl}`);
+    return { image: { lsn: formatLsn(ancestorImageLsn) } } as StartPlan; // only the field the imager reads
+  };
+  const imager = startImager({
+    timelines, computes: new Map([[`${TENANT}/${TL}`, { host: '127.0.0.1', port: c.pgc.port, user: 'admin', password: 'admin-pw' }]]),
+    imageWalBytes: 4 * 1024 * 1024, intervalMs: 150, pgBin: PG_BIN, tmpDir: tempDir(t, 'xenon-ps-imgbranch-'), logger: silentLogger, plan,
+  });
+  t.teardown(() => imager.close());
+  await new Promise((r) => setTimeout(r, 1000));
+  t.ok(plans.length >= 2, `the imager asked for the start plan (${plans.length} times)`);
+  t.same((await timelines.read(TENANT, TL)).images, [], 'no copy of the database for a new branch with little WAL of its own');
+  await c.sql("CREATE TABLE w AS SELECT g AS id, repeat('w', 200) AS pad FROM generate_series(1, 30000) g"); // ~8 MB
+  const first = await waitFor('a first image of its own', async () => (await timelines.read(TENANT, TL)).images[0], 60_000);
+  t.ok(parseLsn(first.lsn) - ancestorImageLsn > 4 * 1024 * 1024, `made after ${first.lsn}, more than 4 MiB past the ancestor's image`);
 });

@@ -4,7 +4,7 @@
 // missing segment is a loud PS_WAL_MISSING, never the parent's same-numbered segment).
 import t, { type Test } from 'tap';
 import { silentLogger } from '../../lib/logger.ts';
-import { prevSegmentOf, segmentFileName, WAL_SEGMENT_SIZE } from '../../lib/lsn.ts';
+import { parseLsn, prevSegmentOf, segmentFileName, WAL_SEGMENT_SIZE } from '../../lib/lsn.ts';
 import { buildChain, WalResolver } from '../../pageserver/resolver.ts';
 import { keys } from '../../pageserver/types.ts';
 import { at, FakePeer, L, makeTimeline, putHistory, putSegment, rejectsCode, segment, synth, type Synth } from './core-helpers.ts';
@@ -213,6 +213,18 @@ t.test('planner: a branch with its own image at its tip restarts in crash mode, 
   const p2 = await r.plan('tn', 'br2', undefined, BASE);
   t.equal(p2.image.id, 'brimg');
   t.equal(p2.mode, 'archive');
+  // (owner, name, valid_to) names the bytes: what the branch is served is the owner's copy up to
+  // valid_to, so a compute host may keep it for any plan naming the same triple.
+  for (const pl of [plan, p2]) {
+    for (const w of pl.wal) {
+      t.ok(w.owner, `${pl.timeline_id} ${w.name}: owner ${w.owner}`);
+      t.equal(w.valid_to === undefined, w.name.endsWith('.history'), 'segments say up to where they are valid');
+      const served = await r.readFile('tn', pl.timeline_id, w.name, parseLsn(pl.lsn));
+      const owned = await r.readFile('tn', w.owner!, w.name, w.valid_to ? parseLsn(w.valid_to) : undefined);
+      t.ok(served.data.equals(owned.data), `${pl.timeline_id} ${w.name}: the same bytes as ${w.owner}'s up to ${w.valid_to ?? 'its end'}`);
+    }
+  }
+  t.ok(p2.wal.every((w) => w.owner === 'br'), 'br2\'s start reads only br\'s WAL (its branch point is in br\'s last segment)');
 });
 
 t.test('a fresh root with only its initdb image: crash, no WAL; nothing served', async (t) => {

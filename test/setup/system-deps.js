@@ -19,6 +19,8 @@ const NEEDS = [
   { what: 'python3-psycopg2', ok: () => dpkgInstalled('python3-psycopg2'), pkg: 'python3-psycopg2' },
   { what: 'pgJDBC (/usr/share/java/postgresql.jar)', ok: () => existsSync('/usr/share/java/postgresql.jar'), pkg: 'libpostgresql-jdbc-java' },
   { what: 'a JDK that runs a source file (java File.java)', ok: () => javaRunsSource(), pkg: 'default-jdk-headless' },
+  // The image cache's tests and benchmark mount a small XFS with reflink (test/helpers/xfs.ts).
+  { what: 'mkfs.xfs (xfsprogs)', ok: () => onPath('mkfs.xfs') || existsSync('/usr/sbin/mkfs.xfs') || existsSync('/sbin/mkfs.xfs'), pkg: 'xfsprogs' },
   // `npm run bench` compares the transaction pooler with PgBouncer (test/bench/pooler.ts, run.ts).
   { what: 'pgbouncer', ok: () => onPath('pgbouncer') || existsSync('/usr/sbin/pgbouncer'), pkg: 'pgbouncer' },
 ];

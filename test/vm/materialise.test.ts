@@ -231,7 +231,7 @@ t.test('crash mode from a base backup (backup_label, empty pg_wal) + its WAL: al
     dataDir: target, runAs, logger: silentLogger,
     plan: plan({ mode: 'crash', lsn: end, imageUrl: `${base}/b/image.tar`, imageLsn: start, kind: 'backup', wal }),
   });
-  t.same(r.settings, {}, 'crash mode needs no settings');
+  t.same(r.settings, { recovery_init_sync_method: 'syncfs' }, 'crash mode needs no recovery settings: only one syncfs() of the new files before recovery');
   t.ok(r.bytes > WAL_SEGMENT_SIZE, `${r.bytes} bytes downloaded`);
   t.ok(existsSync(join(target, 'backup_label')), 'the backup label is kept');
   t.notOk(existsSync(join(target, 'recovery.signal')));
