@@ -228,10 +228,13 @@ export class WalResolver {
   private async readFirst(chain: Chain, owner: string, name: string, needEnd: bigint | undefined, onError: (err: unknown) => void): Promise<{ data: Buffer; kind: WalSource['kind'] } | undefined> {
     const cache: ListingCache = new Map();
     let sources = await this.locate(chain, owner, name, needEnd, cache);
+    // A segment: only the bytes before needEnd are served (zeros after), so only those are read.
+    const seg = needEnd === undefined ? undefined : parseSegmentFileName(name);
+    const range = seg && needEnd !== undefined ? { start: 0, end: Number(needEnd - segmentStart(seg.segno)) } : undefined;
     for (;;) {
       for (const src of sources) {
         try {
-          return { data: await this.readSource(chain, owner, src), kind: src.kind };
+          return { data: await this.readSource(chain, owner, src, range), kind: src.kind };
         } catch (err) {
           onError(err);
         }
@@ -242,9 +245,9 @@ export class WalResolver {
     }
   }
 
-  private async readSource(chain: Chain, owner: string, src: WalSource): Promise<Buffer> {
-    if (src.kind === 'store') return this.o.timelines.store.getBuffer(src.key);
-    return src.peer.readWal(owner, src.file);
+  private async readSource(chain: Chain, owner: string, src: WalSource, range?: { start: number; end: number }): Promise<Buffer> {
+    if (src.kind === 'store') return this.o.timelines.store.getBuffer(src.key, range);
+    return src.peer.readWal(owner, src.file, range);
   }
 
   /**

@@ -133,14 +133,17 @@ export class FakePeer implements WalPeer {
     return { timeline_id: timelineId, flush_lsn: '0/0', pg_timeline: 1, files };
   }
 
-  async readWal(timelineId: string, file: string): Promise<Buffer> {
+  /** As the safekeeper's `GET …/wal/:file` (with a `Range` when `range` is given). */
+  async readWal(timelineId: string, file: string, range?: { start: number; end: number }): Promise<Buffer> {
     const f = this.files.get(timelineId)?.get(file);
     if (!f) throw new XenonError('SK_WAL_NOT_FOUND');
     this.reads.push(`${timelineId}/${file}`);
-    if (f.end === undefined) return f.data;
-    const segno = BigInt('0x' + file.slice(8, 16)) * 256n + BigInt('0x' + file.slice(16, 24));
-    const out = Buffer.from(f.data);
-    out.fill(0, Number(f.end - segmentStart(segno)));
-    return out;
+    let out = f.data;
+    if (f.end !== undefined) {
+      const segno = BigInt('0x' + file.slice(8, 16)) * 256n + BigInt('0x' + file.slice(16, 24));
+      out = Buffer.from(f.data);
+      out.fill(0, Number(f.end - segmentStart(segno)));
+    }
+    return range ? out.subarray(range.start, Math.min(range.end, out.length)) : out;
   }
 }
