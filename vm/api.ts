@@ -98,5 +98,5 @@ export interface ComputeDriver {
    */
   warmImage?(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean>;
   /** The host's image cache, for metrics. */
-  imageCacheStats?(): { enabled: boolean; entries: number; bytes: number; hits: number; misses: number; walHits: number; walMisses: number };
+  imageCacheStats?(): { enabled: boolean; entries: number; bytes: number; spares: number; hits: number; misses: number; walHits: number; walMisses: number };
 }

@@ -84,7 +84,7 @@ export class ProcessDriver implements ComputeDriver {
   }
 
   imageCacheStats(): ReturnType<ImageCache['stats']> {
-    return this.cache?.stats() ?? { enabled: false, entries: 0, bytes: 0, hits: 0, misses: 0, walHits: 0, walMisses: 0 };
+    return this.cache?.stats() ?? { enabled: false, entries: 0, bytes: 0, spares: 0, hits: 0, misses: 0, walHits: 0, walMisses: 0 };
   }
 
   warmImage(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean> {
@@ -276,6 +276,7 @@ export class ProcessDriver implements ComputeDriver {
   }
 
   async close(): Promise<void> {
+    await this.cache?.close();
     await Promise.all([...this.running.keys()].map((id) => this.stop(id).catch(() => {})));
     await Promise.all(this.releasing.values());
   }

@@ -20,6 +20,7 @@ import type { StartPlan } from '../../pageserver/api.ts';
 import { canReflink, ImageCache, imageKey, walKey } from '../../vm/image-cache.ts';
 import { materialise } from '../../vm/materialise.ts';
 import { mountXfs, xfsUnavailable } from '../helpers/xfs.ts';
+import { waitFor } from '../helpers/stack.ts';
 
 const bin = findPgBin(process.env);
 const runAs = pgRunAs(process.env);
@@ -139,6 +140,22 @@ t.test('XFS with reflink', { skip: xfsUnavailable() }, async (t) => {
     await pb.stop('fast');
     t.equal(sha(join(cached, 'global', 'pg_control')), controlBefore, 'the cached image is untouched');
     t.notOk(readdirSync(cached).includes('postmaster.pid'));
+  });
+
+  t.test('a spare clone made ahead is renamed into place, and made again', async (t) => {
+    const spared = await ImageCache.open({ dir: cacheDir, runAs, logger: silentLogger, maxBytes: 1 << 30, spareRefillDelayMs: 50 });
+    t.equal(spared.stats().spares, 0, 'none after opening');
+    t.equal(await spared.warm({ image: big, wal: [] }), true);
+    t.equal(spared.stats().spares, 1, 'the warm-up made one');
+    const dataDir = join(computes, 'spare', 'pgdata');
+    const r = await materialise({ dataDir, plan: crashPlan(big), runAs, logger: silentLogger, cache: spared });
+    t.equal(r.cache, 'hit');
+    t.equal(spared.stats().spares, 0, 'taken by the start');
+    t.ok(existsSync(join(dataDir, 'PG_VERSION')) && existsSync(join(dataDir, 'base')), 'the image\'s files');
+    t.equal(statSync(dataDir).mode & 0o777, 0o700);
+    t.ok(await waitFor(() => spared.stats().spares === 1, 10_000), 'a new spare is made a little later');
+    await spared.close();
+    cache = spared;
   });
 
   t.test('a download that breaks leaves nothing behind', async (t) => {
