@@ -209,7 +209,7 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
       if (!lsnByTime) throw new XenonError('PS_UNAVAILABLE', 'LSN-by-time is not available in this pageserver', { userMessage: 'branching at a time is not available' });
       const tip = await resolver.tip(ancIdx);
       x = await lsnByTime({
-        timelines, tenantId: t, timelineId: anc, time, pgBin: config.pgBin, tmpDir,
+        timelines, tenantId: t, timelineId: anc, time, pgBin: config.pgBin, tmpDir, tip,
         fetchSegment: async (name) => (await resolver.readFile(t, anc, name, tip)).data,
       });
     }
@@ -455,7 +455,7 @@ export async function startPageserver(config: PageserverConfig, deps: Pageserver
     if (!lsnByTime) throw new XenonError('PS_UNAVAILABLE', 'LSN-by-time is not available in this pageserver');
     const tip = await resolver.tip(idx);
     const lsn = await lsnByTime({
-      timelines, tenantId: t, timelineId: tl, time: new Date(raw), pgBin: config.pgBin, tmpDir,
+      timelines, tenantId: t, timelineId: tl, time: new Date(raw), pgBin: config.pgBin, tmpDir, tip,
       fetchSegment: async (name) => (await resolver.readFile(t, tl, name, tip)).data,
     });
     return { lsn: formatLsn(lsn) };

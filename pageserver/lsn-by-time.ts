@@ -30,6 +30,12 @@ export interface LsnByTimeOptions {
   tmpDir: string;
   /** The bytes of a WAL segment of this timeline by name (the caller resolves store / safekeepers). */
   fetchSegment: (name: string) => Promise<Buffer>;
+  /**
+   * The timeline's tip as the safekeepers' quorum has it (the resolver's `tip()`): the index's
+   * `last_record_lsn` is only as new as the last ingest, and a time after it would otherwise
+   * answer that stale LSN — before commits that were made before the time.
+   */
+  tip?: bigint;
   /** Segments per pg_waldump run (default 8; tests use fewer). */
   chunkSegments?: number;
 }
@@ -110,7 +116,8 @@ function segmentName(pieces: { tli: number; begin: bigint }[], segno: bigint): s
  */
 export async function lsnByTime(o: LsnByTimeOptions): Promise<bigint> {
   const ix = await o.timelines.read(o.tenantId, o.timelineId);
-  const tip = parseLsn(ix.last_record_lsn);
+  const last = parseLsn(ix.last_record_lsn);
+  const tip = o.tip !== undefined && o.tip > last ? o.tip : last;
   const tMs = o.time.getTime();
   if (!Number.isFinite(tMs)) throw new XenonError('CP_BAD_REQUEST', 'not a time', { userMessage: 'time must be an ISO 8601 timestamp' });
   const tUs = BigInt(tMs) * 1000n;

@@ -127,5 +127,14 @@ t.test('the first commit after T, from samples or from the first WAL, across seg
   fetched.length = 0;
   t.ok((await run(T[3]!, { chunkSegments: 2 })) >= beforeFirst[3]!);
   t.ok(fetched.length > withSamples, `samples narrow the scan (T3: ${withSamples} segments fetched with samples, ${fetched.length} without)`);
+
+  // The index's tip lags the quorum (the ingest runs every second): with the quorum's tip given,
+  // a time after the stale tip still finds the commit after it, not the stale tip.
+  const realTip = parseLsn(ix.last_record_lsn);
+  await timelines.update(TENANT, TL, (x) => { x.last_record_lsn = formatLsn(afterLast[1]!); x.lsn_samples = []; });
+  const stale = await run(T[1]!);
+  t.equal(stale, afterLast[1]!, 'without the quorum\'s tip: the stale tip (what a branch at T1 got before the fix)');
+  const fresh = await lsnByTime({ timelines, tenantId: TENANT, timelineId: TL, time: T[1]!, pgBin: PG_BIN, tmpDir: scratch, fetchSegment, tip: realTip });
+  t.ok(fresh >= beforeFirst[1]! && fresh < afterFirst[1]!, `with it: T1 → ${formatLsn(fresh)}, the first commit after T1`);
   t.same((await import('node:fs')).readdirSync(scratch), [], 'temp dirs removed');
 });
