@@ -263,7 +263,9 @@ export class ComputeManager {
     try {
       const branch = (branchRow = await this.o.store.branchById(row.branch_id));
       let plan: StartPlan | undefined;
-      if (!(await this.o.driver.hasData(branch.id))) {
+      const hasData = await this.o.driver.hasData(branch.id);
+      if (hasData && this.o.storage) await this.adopt(branch);
+      if (!hasData) {
         if (this.o.storage) {
           // Stateless start: the pageserver says which image and which WAL make this branch.
           plan = await this.o.storage.startPlan(branch.project_id, branch.id);
@@ -324,6 +326,28 @@ export class ComputeManager {
     await this.setState(rt, 'active', t0);
     await this.o.store.recordEvent(rt.id, 'started', `${this.now() - t0} ms`);
     this.o.logger.info('compute started', { endpoint: rt.id, port: rt.address.port, ms: this.now() - t0 });
+  }
+
+  /**
+   * A root branch whose data the pageserver has never seen (a project made before Xenon had a
+   * pageserver, or a pageserver that lost its objects) gets its tenant and timeline, with the
+   * stopped compute's data directory as the first image: then it can be branched and started
+   * without its disk. Never fatal: the compute starts from its data directory either way (a
+   * directory not cleanly shut down is adopted at a later start).
+   */
+  private async adopt(branch: { id: string; project_id: string; parent_id: string | null }): Promise<void> {
+    const storage = this.o.storage!;
+    try {
+      if (await storage.hasTimeline(branch.project_id, branch.id)) return;
+      if (branch.parent_id) {
+        this.o.logger.error('the pageserver has no timeline for this branch, and a child branch cannot be adopted from its data directory', { branch: branch.id, project: branch.project_id });
+        return;
+      }
+      const image = await storage.createRoot(branch.project_id, branch.id);
+      this.o.logger.warn('adopted a branch the pageserver did not know: its data directory is the timeline\'s first image', { branch: branch.id, project: branch.project_id, image: image.id, lsn: image.lsn });
+    } catch (err) {
+      this.o.logger.error('could not adopt the branch into the pageserver; starting from its data directory', { branch: branch.id, err });
+    }
   }
 
   private async doResume(rt: Runtime): Promise<void> {

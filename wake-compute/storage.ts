@@ -54,6 +54,11 @@ export class Storage {
     return image;
   }
 
+  /** Whether the pageserver has the branch's timeline (false also when it lacks the tenant). */
+  async hasTimeline(projectId: string, branchId: string): Promise<boolean> {
+    return (await this.call('read the branch', () => this.client.timeline(projectId, branchId))) !== null;
+  }
+
   branch(projectId: string, req: { id: string; parentId: string; lsn?: string; time?: string }): Promise<TimelineStatus> {
     return this.call('create branch', () => this.client.createTimeline(projectId, {
       new_timeline_id: req.id,

@@ -159,3 +159,28 @@ t.test('the ancestor-segment hazard: a branch whose own WAL is gone fails loudly
   t.match(ev.join('\n'), new RegExp(seg), 'the start failure names the missing segment');
   t.notOk(existsSync(join(dataDirOf(stack, br.branch.id), 'PG_VERSION')) && existsSync(join(dataDirOf(stack, br.branch.id), 'postmaster.pid')), 'no compute runs on partial data');
 });
+
+t.test('a project the pageserver never saw (made before it existed) is adopted at its next start, then branches', async (t) => {
+  const stack = await startTestStack(t);
+  const ps = new PageserverClient(stack.info.pageserver_url);
+  const p = await stack.api.createProject({ name: 'old' });
+  const cfg = { endpoint: p.endpoint.id, user: p.role.name, password: p.password, database: p.database.name };
+  const sql = async <R extends pg.QueryResultRow>(endpoint: string, text: string): Promise<R[]> => {
+    const c = new pg.Client({ ...stack.pgConfig({ ...cfg, endpoint }), connectionTimeoutMillis: 120_000 });
+    await c.connect();
+    try { return (await c.query<R>(text)).rows; } finally { await c.end().catch(() => {}); }
+  };
+  await sql(p.endpoint.id, `CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL); INSERT INTO items SELECT g, md5(g::text) FROM generate_series(1, 500) g`);
+  const before = await sql<{ n: number; md5: string }>(p.endpoint.id, `SELECT count(*)::int AS n, md5(string_agg(v, ',' ORDER BY id)) AS md5 FROM items`);
+  await stack.api.endpointAction(p.endpoint.id, 'stop');
+  // What a state directory from before the pageserver looks like to it: no tenant at all.
+  await ps.deleteTenant(p.project.id);
+  t.equal(await ps.timeline(p.project.id, p.branch.id), null, 'the pageserver does not know the project');
+
+  t.same(await sql(p.endpoint.id, `SELECT count(*)::int AS n, md5(string_agg(v, ',' ORDER BY id)) AS md5 FROM items`), before, 'the compute starts from its data directory');
+  const st = await ps.timeline(p.project.id, p.branch.id);
+  t.equal(st?.images.length, 1, 'adopted: its data directory is the timeline\'s first image');
+  t.equal(st?.images[0]?.kind, 'shutdown');
+  const b = await stack.api.createBranch(p.project.id, { name: 'after-adoption' });
+  t.same(await sql(b.endpoint!.id, `SELECT count(*)::int AS n, md5(string_agg(v, ',' ORDER BY id)) AS md5 FROM items`), before, 'a branch of it has every row');
+});
