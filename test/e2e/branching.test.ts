@@ -103,7 +103,7 @@ t.test('branches at an LSN and at a time, isolation both ways, branch of a branc
   t.same(branches, [['main', null], ['at-lsn', mainBranch], ['at-time', mainBranch], ['child', atLsn.branch.id]], 'the branch tree');
 });
 
-t.test('the ancestor-segment hazard: a branch whose own WAL is gone fails loudly instead of replaying its parent', async (t) => {
+t.test('the ancestor-segment hazard: a branch whose own WAL is gone fails loudly instead of replaying its parent; adoption of a project the pageserver never saw', async (t) => {
   const stack = await startTestStack(t);
   const project = stack.info.project_id;
   const ps = new PageserverClient(stack.info.pageserver_url);
@@ -158,11 +158,9 @@ t.test('the ancestor-segment hazard: a branch whose own WAL is gone fails loudly
   const ev = (await stack.api.endpointEvents(br.endpoint!.id)).events.filter((e) => e.event === 'start_failed').map((e) => e.detail ?? '');
   t.match(ev.join('\n'), new RegExp(seg), 'the start failure names the missing segment');
   t.notOk(existsSync(join(dataDirOf(stack, br.branch.id), 'PG_VERSION')) && existsSync(join(dataDirOf(stack, br.branch.id), 'postmaster.pid')), 'no compute runs on partial data');
-});
 
-t.test('a project the pageserver never saw (made before it existed) is adopted at its next start, then branches', async (t) => {
-  const stack = await startTestStack(t);
-  const ps = new PageserverClient(stack.info.pageserver_url);
+  // (Same stack, to save a stack's start.) A project the pageserver never saw — made before it
+  // existed — is adopted at its next start, then branches.
   const p = await stack.api.createProject({ name: 'old' });
   const cfg = { endpoint: p.endpoint.id, user: p.role.name, password: p.password, database: p.database.name };
   const sql = async <R extends pg.QueryResultRow>(endpoint: string, text: string): Promise<R[]> => {
