@@ -1,6 +1,7 @@
 /**
  * Acceptance (issue 6): stateless computes, branches at an LSN and at a time, branches of
- * branches, a compute whose data directory is gone, and the ancestor-segment hazard. Real stack
+ * branches, a compute whose data directory is gone, the ancestor-segment hazard, and adoption of a
+ * project the pageserver never saw. Real stack
  * (`xenon up`: metadata, control plane, proxy, three safekeepers, pageserver), real computes,
  * clients through the proxy with TLS.
  */
