@@ -100,12 +100,24 @@ export class ProcessDriver implements ComputeDriver {
     return join(this.opts.dataRoot, 'computes', dataKey, 'pgdata');
   }
 
+  /**
+   * Whether `dataKey` has a usable data directory. One with `recovery.signal` is not: only a
+   * materialised archive start writes it (computes never run as standbys), and Postgres removes
+   * it when it promotes — so it is a start the host's crash (or a kill) cut short, which lacks
+   * the recovery settings (never persisted) to finish. The next start materialises again.
+   */
   async hasData(dataKey: string): Promise<boolean> {
+    const dir = this.dataDir(dataKey);
     try {
-      await access(join(this.dataDir(dataKey), 'PG_VERSION'));
-      return true;
+      await access(join(dir, 'PG_VERSION'));
     } catch {
       return false;
+    }
+    try {
+      await access(join(dir, 'recovery.signal'));
+      return false;
+    } catch {
+      return true;
     }
   }
 

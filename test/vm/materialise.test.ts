@@ -269,6 +269,21 @@ t.test('archive mode: recovery ends where the served WAL ends (mid-segment), pro
   await driver.stop('ep-c');
 });
 
+t.test('archive mode: a start cut short before the promotion (host crash) is materialised again, not started as it is', async (t) => {
+  const p = plan({ mode: 'archive', lsn: c.mid, imageUrl: c.imageUrl, imageLsn: c.imageLsn, kind: 'shutdown', restore_url: `${base}/c/wal/` });
+  // What a crash in the middle of the archive recovery leaves: the materialised directory, with
+  // recovery.signal, and none of the recovery settings (they are never persisted).
+  const dataDir = join(dataRoot, 'computes', 'br-cut', 'pgdata');
+  await materialise({ dataDir, plan: p, runAs, logger: silentLogger });
+  t.ok(existsSync(join(dataDir, 'PG_VERSION')) && existsSync(join(dataDir, 'recovery.signal')));
+  t.equal(await driver.hasData('br-cut'), false, 'not usable data: the start must be planned again');
+  const addr = await driver.start({ computeId: 'ep-cut', dataKey: 'br-cut', plan: p });
+  const [row] = await sql<{ n: string; rec: boolean }>(addr.port, 'SELECT (SELECT count(*) FROM t) AS n, pg_is_in_recovery() AS rec');
+  t.same(row, { n: '500', rec: false }, 'materialised again and promoted');
+  t.equal(await driver.hasData('br-cut'), true, 'a promoted directory is data');
+  await driver.stop('ep-cut');
+});
+
 t.test('archive mode: a 500 for a needed segment fails the start loudly and leaves no data behind', async (t) => {
   const last = c.wal[c.wal.length - 1]!;
   t.ok(c.wal.length >= 2, 'the failing segment is not the first one');
