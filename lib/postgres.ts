@@ -144,7 +144,8 @@ export async function ensureOwnedDir(dir: string, runAs: RunAs | undefined, mode
   if (runAs) await chown(dir, runAs.uid, runAs.gid);
 }
 
-function run(cmd: string, args: string[], runAs: RunAs | undefined, env: NodeJS.ProcessEnv = {}): Promise<string> {
+/** Runs a command as `runAs` (C locale, only PATH from our environment); resolves with its output, rejects with its tail. */
+export function runCommand(cmd: string, args: string[], runAs: RunAs | undefined, env: NodeJS.ProcessEnv = {}): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, {
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -177,7 +178,7 @@ export async function initdb(opts: {
   await writeFile(pwfile, opts.password + '\n', { mode: 0o600 });
   if (opts.runAs) await chown(pwfile, opts.runAs.uid, opts.runAs.gid);
   try {
-    await run(
+    await runCommand(
       join(opts.bin, 'initdb'),
       ['-D', opts.dataDir, '-U', opts.superuser, `--pwfile=${pwfile}`, '--auth=scram-sha-256', '-E', 'UTF8', '--locale=C', ...(opts.noSync ? ['--no-sync'] : [])],
       opts.runAs,

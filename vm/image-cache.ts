@@ -26,14 +26,13 @@
  * (each start's Postgres syncs its file system first); instead they are dropped whenever the
  * cache opens, so none survives a crash of the host.
  */
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { chown, copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
-import { ensureOwnedDir, type RunAs } from '../lib/postgres.ts';
+import { ensureOwnedDir, runCommand, type RunAs } from '../lib/postgres.ts';
 import { parseLsn, parseSegmentFileName, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
 import type { StartPlan, StartPlanWal } from '../pageserver/api.ts';
 import { downloadOne, extractImage } from './materialise.ts';
@@ -237,7 +236,7 @@ export class ImageCache {
   /** Makes `dataDir` (which must exist, empty, owned by the compute's user) a clone of the image. */
   async cloneInto(image: CachedImage, dataDir: string): Promise<{ fetched: number; hit: boolean }> {
     const key = imageKey(image);
-    this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
+    const unpin = this.pin(key);
     try {
       const { dir, fetched, hit } = await this.ensure(image);
       const spare = this.spares.get(key);
@@ -246,7 +245,7 @@ export class ImageCache {
         this.spares.delete(key);
         try {
           await rename(spare, dataDir);
-          this.refillLater(key);
+          this.refillLater(image);
           return { fetched, hit };
         } catch (err) {
           this.o.logger.warn('could not use a spare clone; cloning', { key, err });
@@ -254,12 +253,10 @@ export class ImageCache {
         }
       }
       await run('cp', ['-a', '--reflink=always', '--', `${dir}/.`, `${dataDir}/`], this.o.runAs, `cloning image ${key} into ${dataDir}`);
-      this.refillLater(key);
+      this.refillLater(image);
       return { fetched, hit };
     } finally {
-      const n = (this.pins.get(key) ?? 1) - 1;
-      if (n > 0) this.pins.set(key, n);
-      else this.pins.delete(key);
+      unpin();
     }
   }
 
@@ -274,7 +271,7 @@ export class ImageCache {
     if (!p) {
       p = (async () => {
         const dir = join(this.o.dir, SPARE_DIR, `${key}.${randomBytes(4).toString('hex')}`);
-        this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
+        const unpin = this.pin(key);
         try {
           await ensureOwnedDir(dir, this.o.runAs, 0o700);
           await run('cp', ['-a', '--reflink=always', '--', `${join(this.o.dir, key)}/.`, `${dir}/`], this.o.runAs, `a spare clone of image ${key}`);
@@ -284,9 +281,7 @@ export class ImageCache {
           await rm(dir, { recursive: true, force: true }).catch(() => {});
           this.o.logger.warn('could not make a spare clone', { key, err });
         } finally {
-          const n = (this.pins.get(key) ?? 1) - 1;
-          if (n > 0) this.pins.set(key, n);
-          else this.pins.delete(key);
+          unpin();
         }
       })().finally(() => this.sparing.delete(key));
       this.sparing.set(key, p);
@@ -294,12 +289,21 @@ export class ImageCache {
     return p;
   }
 
-  private refillLater(key: string): void {
+  /** Keeps entry `key` from eviction until the returned function is called. */
+  private pin(key: string): () => void {
+    this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
+    return () => {
+      const n = (this.pins.get(key) ?? 1) - 1;
+      if (n > 0) this.pins.set(key, n);
+      else this.pins.delete(key);
+    };
+  }
+
+  private refillLater(image: Pick<CachedImage, 'timeline_id' | 'id'>): void {
     if (this.closed) return;
-    const [timeline_id, ...rest] = key.split('.');
     const timer = setTimeout(() => {
       this.timers.delete(timer);
-      void this.prepareSpare({ timeline_id: timeline_id!, id: rest.join('.') });
+      void this.prepareSpare(image);
     }, this.o.spareRefillDelayMs ?? 3000);
     timer.unref();
     this.timers.add(timer);
@@ -388,16 +392,11 @@ export class ImageCache {
   }
 }
 
-/** Runs a command (as `runAs`), failing with its stderr. */
-function run(cmd: string, args: string[], runAs: RunAs | undefined, what: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'], uid: runAs?.uid, gid: runAs?.gid, env: { PATH: process.env.PATH, LANG: 'C', LC_ALL: 'C' } });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => { stderr = (stderr + d.toString('utf8')).slice(-4000); });
-    child.once('error', (err) => reject(new XenonError('CP_COMPUTE_START_FAILED', `${what}: ${err.message}`, { cause: err })));
-    child.once('close', (code, sig) => {
-      if (code === 0) resolve();
-      else reject(new XenonError('CP_COMPUTE_START_FAILED', `${what}: ${cmd} exited with ${code ?? sig}: ${stderr.trim() || 'no message'}`));
-    });
-  });
+/** `runCommand` with the failure as the start's error. */
+async function run(cmd: string, args: string[], runAs: RunAs | undefined, what: string): Promise<void> {
+  try {
+    await runCommand(cmd, args, runAs);
+  } catch (err) {
+    throw new XenonError('CP_COMPUTE_START_FAILED', `${what}: ${(err as Error).message}`, { cause: err });
+  }
 }
