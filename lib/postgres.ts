@@ -199,10 +199,10 @@ export const MANAGED_PG_HBA =
   'host replication all 127.0.0.1/32 scram-sha-256\nhost replication all ::1/128 scram-sha-256\n';
 
 /** (Re)writes the managed pg_hba.conf (a data dir made by an older version lacks the replication lines). */
-export async function writeManagedHba(dataDir: string, runAs: RunAs | undefined): Promise<void> {
+export async function writeManagedHba(dataDir: string, runAs: RunAs | undefined, hba = MANAGED_PG_HBA): Promise<void> {
   const path = join(dataDir, 'pg_hba.conf');
-  if ((await readFile(path, 'utf8').catch(() => '')) === MANAGED_PG_HBA) return;
-  await writeFile(path, MANAGED_PG_HBA, { mode: 0o600 });
+  if ((await readFile(path, 'utf8').catch(() => '')) === hba) return;
+  await writeFile(path, hba, { mode: 0o600 });
   if (runAs) await chown(path, runAs.uid, runAs.gid);
 }
 

@@ -12,6 +12,19 @@ export type { ControlData, StartPlan, WalSource };
 export const COMPUTE_STATUSES = ['stopped', 'running', 'suspended'] as const;
 export type ComputeStatus = (typeof COMPUTE_STATUSES)[number];
 
+/** What a compute may use: vCPUs (fractional: a share of CPU time) and memory. */
+export interface ComputeResources {
+  cpu: number;
+  memoryMiB: number;
+}
+
+/** Bounds and current size of a compute (NeonVM: `guest.cpus` / `guest.memorySlots` min, use, max). */
+export interface ComputeSize {
+  min: ComputeResources;
+  max: ComputeResources;
+  use: ComputeResources;
+}
+
 export interface ComputeSpec {
   /** The endpoint id: one compute per endpoint. */
   computeId: string;
@@ -36,6 +49,8 @@ export interface ComputeSpec {
    * the plan's WAL at 4 MB/s when the data was just materialised).
    */
   readyTimeoutMs?: number;
+  /** Resources (default: the driver's). Drivers that cannot resize live start at `use`. */
+  size?: ComputeSize;
 }
 
 export interface ComputeAddress {
@@ -97,6 +112,11 @@ export interface ComputeDriver {
    * cache ahead of the start; false when there is no cache (or it failed: logged).
    */
   warmImage?(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean>;
+  /**
+   * Moves a running compute to `use` (within the bounds it was started with) without a restart;
+   * resolves with what the compute has afterwards.
+   */
+  resize?(computeId: string, use: ComputeResources): Promise<ComputeResources>;
   /** The host's image cache, for metrics. */
   imageCacheStats?(): { enabled: boolean; entries: number; bytes: number; spares: number; hits: number; misses: number; walHits: number; walMisses: number };
 }

@@ -44,6 +44,12 @@ export interface MaterialiseOptions {
    * the cached image (fetched into the cache first on a miss) instead of a `tar -x` of a stream.
    */
   cache?: ImageCache;
+  /**
+   * The `restore_command` of an archive start, given the prefetch directory on this host (the
+   * default runs restore-wal.js with this host's Node.js). A compute VM, which sees the data
+   * through its own mount and has no Node.js, brings its own.
+   */
+  restoreCommand?: (restoreUrl: string, lsn: string, prefetchDir: string) => string;
 }
 
 export interface MaterialiseResult {
@@ -80,6 +86,8 @@ export async function materialise(o: MaterialiseOptions): Promise<MaterialiseRes
   let node: string | undefined;
   if (plan.mode === 'archive') {
     if (!plan.restore_url) throw new XenonError('CP_BAD_REQUEST', 'an archive start plan without restore_url');
+  }
+  if (plan.mode === 'archive' && !o.restoreCommand) {
     node = realpathSync(process.execPath);
     if (runAs) assertReachable(node, runAs, 'the Node.js binary (restore_command runs it as the compute\'s user)', true);
   }
@@ -145,14 +153,18 @@ export async function materialise(o: MaterialiseOptions): Promise<MaterialiseRes
       if (plan.image.kind === 'shutdown') await markNotShutDown(dataDir);
     } else {
       await writeFileDurably(join(dataDir, 'recovery.signal'), Buffer.alloc(0), runAs);
-      const script = join(dirname(dataDir), 'restore-wal.js');
-      const tmp = `${script}.xenon-tmp`;
-      await copyFile(RESTORE_WAL_SCRIPT, tmp);
-      await chmod(tmp, 0o644);
-      if (runAs) await chown(tmp, runAs.uid, runAs.gid);
-      await rename(tmp, script);
-      if (runAs) assertReachable(script, runAs, 'restore-wal.js', false);
-      settings.restore_command = restoreCommand(node!, script, plan.restore_url, plan.lsn, prefetch);
+      if (o.restoreCommand) {
+        settings.restore_command = o.restoreCommand(plan.restore_url, plan.lsn, prefetch);
+      } else {
+        const script = join(dirname(dataDir), 'restore-wal.js');
+        const tmp = `${script}.xenon-tmp`;
+        await copyFile(RESTORE_WAL_SCRIPT, tmp);
+        await chmod(tmp, 0o644);
+        if (runAs) await chown(tmp, runAs.uid, runAs.gid);
+        await rename(tmp, script);
+        if (runAs) assertReachable(script, runAs, 'restore-wal.js', false);
+        settings.restore_command = restoreCommand(node!, script, plan.restore_url, plan.lsn, prefetch);
+      }
       settings.recovery_target_timeline = 'latest';
       // No synchronous_standby_names override: our computes get it on the command line only
       // (never from a copied postgresql.conf), nothing commits during recovery, and after the
@@ -215,7 +227,7 @@ async function writeFileOwned(path: string, runAs: RunAs | undefined): Promise<v
 }
 
 /** POSIX shell single quoting, with `%` doubled for Postgres' own `%f`/`%p` expansion. */
-function shellArg(s: string): string {
+export function shellArg(s: string): string {
   return `'${s.replace(/'/g, `'\\''`).replace(/%/g, '%%')}'`;
 }
 
@@ -226,9 +238,15 @@ function shellArg(s: string): string {
  */
 export function restoreCommand(node: string, script: string, restoreUrl: string, lsn: string, prefetchDir?: string): string {
   const fetch = `/usr/bin/env -i ${shellArg(node)} ${shellArg(script)} ${shellArg(restoreUrl)} %f %p ${shellArg(lsn)}`;
-  if (!prefetchDir) return fetch;
-  // A fetched-ahead copy when there is one (copied, not moved: Postgres asks for the last
-  // segment twice), else the resolver.
+  return prefetchDir ? preferPrefetched(fetch, prefetchDir) : fetch;
+}
+
+/**
+ * A `restore_command` that takes a fetched-ahead copy when there is one (copied, not moved:
+ * Postgres asks for the last segment twice), answers "no" for an `.absent` marker, and else
+ * runs `fetch`.
+ */
+export function preferPrefetched(fetch: string, prefetchDir: string): string {
   const local = `${shellArg(prefetchDir)}/%f`;
   return `if [ -f ${local} ]; then cp ${local} %p.xenon-tmp && mv %p.xenon-tmp %p || exit 200; elif [ -f ${local}.absent ]; then exit 1; else exec ${fetch}; fi`;
 }

@@ -4,17 +4,14 @@
  */
 import { createHash } from 'node:crypto';
 import type { Readable } from 'node:stream';
-import { access, mkdir, rm } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
-import { parseLsn } from '../lib/lsn.ts';
-import { ensureOwnedDir, findFreePort, initdb, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
+import { findFreePort, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
 import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus, ControlData, StartPlan } from './api.ts';
-import { ImageCache } from './image-cache.ts';
-import { materialise, type MaterialiseResult } from './materialise.ts';
-import { readControlData } from './pg-control.ts';
-import { tarDirectory } from './tar.ts';
+import { LocalData, replayAllowanceMs, type ImageCacheStats } from './local-data.ts';
+import type { MaterialiseResult } from './materialise.ts';
 import { restoreWal } from './wal-restore.ts';
 import { childPids, createFreezer, type Freezer } from './freezer.ts';
 
@@ -46,14 +43,6 @@ interface Running {
   stopping: boolean;
 }
 
-const SAFE_KEY = /^[a-z0-9][a-z0-9-]{0,62}$/;
-
-/** Extra readiness time for replaying the WAL between an image and the target, at 4 MB/s. */
-function replayAllowanceMs(from: string, to: string): number {
-  const bytes = parseLsn(to) - parseLsn(from);
-  return bytes > 0n ? Number(bytes / 4_194_304n) * 1000 : 0;
-}
-
 export class ProcessDriver implements ComputeDriver {
   readonly kind = 'process';
   private readonly running = new Map<string, Running>();
@@ -63,106 +52,66 @@ export class ProcessDriver implements ComputeDriver {
   private constructor(
     private readonly opts: ProcessDriverOptions,
     private readonly freezer: Freezer,
-    private readonly cache: ImageCache | undefined,
+    private readonly data: LocalData,
   ) {}
 
   static async create(opts: ProcessDriverOptions): Promise<ProcessDriver> {
-    await ensureOwnedDir(opts.dataRoot, undefined, 0o755);
-    await ensureOwnedDir(join(opts.dataRoot, 'computes'), opts.runAs, 0o700);
+    const data = await LocalData.open({ dataRoot: opts.dataRoot, runAs: opts.runAs, pgBin: opts.pgBin, imageCache: opts.imageCache ?? false, logger: opts.logger });
     await mkdir(opts.logDir, { recursive: true });
     const scope = createHash('sha256').update(opts.dataRoot).digest('hex').slice(0, 12);
     const freezer = await createFreezer(scope, opts.freezer ?? 'auto');
-    const cache = opts.imageCache
-      ? await ImageCache.open({ dir: join(opts.dataRoot, 'image-cache'), runAs: opts.runAs, logger: opts.logger.child({ component: 'image-cache' }), maxBytes: opts.imageCache.maxBytes })
-      : undefined;
-    opts.logger.info('process driver ready', { freezer: freezer.kind, dataRoot: opts.dataRoot, imageCache: cache?.enabled ?? false });
-    return new ProcessDriver(opts, freezer, cache);
+    opts.logger.info('process driver ready', { freezer: freezer.kind, dataRoot: opts.dataRoot, imageCache: data.cachesImages });
+    return new ProcessDriver(opts, freezer, data);
   }
 
   get cachesImages(): boolean {
-    return this.cache?.enabled ?? false;
+    return this.data.cachesImages;
   }
 
-  imageCacheStats(): ReturnType<ImageCache['stats']> {
-    return this.cache?.stats() ?? { enabled: false, entries: 0, bytes: 0, spares: 0, hits: 0, misses: 0, walHits: 0, walMisses: 0 };
+  imageCacheStats(): ImageCacheStats {
+    return this.data.imageCacheStats();
   }
 
   warmImage(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean> {
-    return this.cache ? this.cache.warm(plan) : Promise.resolve(false);
+    return this.data.warmImage(plan);
   }
 
   get freezerKind(): Freezer['kind'] {
     return this.freezer.kind;
   }
 
-  private dataDir(dataKey: string): string {
-    if (!SAFE_KEY.test(dataKey)) throw new XenonError('CP_BAD_REQUEST', `unsafe data key ${JSON.stringify(dataKey)}`);
-    return join(this.opts.dataRoot, 'computes', dataKey, 'pgdata');
+  hasData(dataKey: string): Promise<boolean> {
+    return this.data.hasData(dataKey);
   }
 
-  /**
-   * Whether `dataKey` has a usable data directory. One with `recovery.signal` is not: only a
-   * materialised archive start writes it (computes never run as standbys), and Postgres removes
-   * it when it promotes — so it is a start the host's crash (or a kill) cut short, which lacks
-   * the recovery settings (never persisted) to finish. The next start materialises again.
-   */
-  async hasData(dataKey: string): Promise<boolean> {
-    const dir = this.dataDir(dataKey);
-    try {
-      await access(join(dir, 'PG_VERSION'));
-    } catch {
-      return false;
-    }
-    try {
-      await access(join(dir, 'recovery.signal'));
-      return false;
-    } catch {
-      return true;
-    }
+  controlData(dataKey: string): Promise<ControlData | undefined> {
+    return this.data.controlData(dataKey);
   }
 
-  async controlData(dataKey: string): Promise<ControlData | undefined> {
-    if (!(await this.hasData(dataKey))) return undefined;
-    return readControlData(this.dataDir(dataKey));
-  }
-
-  async prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
-    if (await this.hasData(dataKey)) return { created: false };
-    const dir = this.dataDir(dataKey);
-    await rm(dir, { recursive: true, force: true }); // a half-made dir from an interrupted initdb
-    await initdb({ bin: this.opts.pgBin, dataDir: dir, superuser: admin.user, password: admin.password, runAs: this.opts.runAs });
-    return { created: true };
+  prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
+    return this.data.prepare(dataKey, admin);
   }
 
   async start(spec: ComputeSpec): Promise<ComputeAddress> {
     const existing = this.running.get(spec.computeId);
     if (existing && !existing.stopping) throw new XenonError('CP_CONFLICT', `compute ${spec.computeId} is already running`);
     await this.releasing.get(spec.computeId);
-    const dataDir = this.dataDir(spec.dataKey);
+    const dataDir = this.data.dataDir(spec.dataKey);
     const log = this.opts.logger.child({ computeId: spec.computeId, dataKey: spec.dataKey });
-    let materialised: MaterialiseResult | undefined;
-    if (!(await this.hasData(spec.dataKey))) {
-      if (!spec.plan) throw new XenonError('CP_COMPUTE_START_FAILED', `no data for ${spec.dataKey}: prepare() it first`);
-      await rm(dataDir, { recursive: true, force: true }); // a half-made dir from an interrupted start
-      materialised = await materialise({ dataDir, plan: spec.plan, runAs: this.opts.runAs, logger: log, ...(this.cache ? { cache: this.cache } : {}) });
-      log.info('compute data materialised from the pageserver', {
-        mode: spec.plan.mode, image: spec.plan.image.id, kind: spec.plan.image.kind, lsn: spec.plan.lsn, walFiles: spec.plan.wal.length, bytes: materialised.bytes, ms: materialised.ms, cache: materialised.cache,
-      });
-    }
+    const materialised = await this.data.materialiseFor(spec, log);
     const logFile = join(this.opts.logDir, `${spec.computeId}.log`);
     try {
       return await this.startPostgres(spec, dataDir, logFile, materialised);
     } catch (err) {
       if (materialised) {
         // The next start must materialise again, not start a half-recovered directory.
-        await rm(dataDir, { recursive: true, force: true }).catch(() => {});
+        await this.data.discardMaterialised(spec.dataKey);
         log.warn('compute failed to start from materialised data: removed the data directory', { err, logFile });
       }
       if (err instanceof XenonError) throw new XenonError(err.code, `${err.message} (compute log: ${logFile})`, { cause: err, userMessage: err.userMessage, retryable: err.retryable });
       throw err;
     } finally {
-      // WAL fetched ahead for an archive recovery: done with once Postgres has promoted (or failed).
-      if (materialised && spec.plan?.mode === 'archive') await rm(join(dirname(dataDir), 'wal-prefetch'), { recursive: true, force: true }).catch(() => {});
+      if (materialised && spec.plan?.mode === 'archive') await this.data.dropPrefetch(spec.dataKey);
     }
   }
 
@@ -268,27 +217,24 @@ export class ProcessDriver implements ComputeDriver {
   }
 
   async reclaim(dataKey: string): Promise<void> {
-    if ([...this.running.values()].some((r) => r.dataKey === dataKey)) return; // ours, not stale
-    await stopStalePostmaster(this.dataDir(dataKey));
+    if (this.inUse(dataKey)) return; // ours, not stale
+    await stopStalePostmaster(this.data.dataDir(dataKey));
   }
 
-  async exportImage(dataKey: string): Promise<Readable> {
-    for (const r of this.running.values()) {
-      if (r.dataKey === dataKey) throw new XenonError('CP_CONFLICT', `data ${dataKey} is in use by a running compute`);
-    }
-    if (!(await this.hasData(dataKey))) throw new XenonError('CP_CONFLICT', `no data for ${dataKey}`);
-    return tarDirectory(this.dataDir(dataKey));
+  private inUse(dataKey: string): boolean {
+    return [...this.running.values()].some((r) => r.dataKey === dataKey);
   }
 
-  async destroyData(dataKey: string): Promise<void> {
-    for (const r of this.running.values()) {
-      if (r.dataKey === dataKey) throw new XenonError('CP_CONFLICT', `data ${dataKey} is in use by a running compute`);
-    }
-    await rm(join(this.opts.dataRoot, 'computes', dataKey), { recursive: true, force: true });
+  exportImage(dataKey: string): Promise<Readable> {
+    return this.data.exportImage(dataKey, this.inUse(dataKey));
+  }
+
+  destroyData(dataKey: string): Promise<void> {
+    return this.data.destroyData(dataKey, this.inUse(dataKey));
   }
 
   async close(): Promise<void> {
-    await this.cache?.close();
+    await this.data.close();
     await Promise.all([...this.running.keys()].map((id) => this.stop(id).catch(() => {})));
     await Promise.all(this.releasing.values());
   }

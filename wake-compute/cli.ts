@@ -10,6 +10,7 @@
  *   xenon branch list [--project P]   the branch tree
  *   xenon branch delete <branch> [--project P]
  *   xenon connstr                     the default endpoint's connection string and psql line
+ *   xenon vm build-image [--dir D]    build the qemu driver's compute image (root)
  *
  * State lives in $XENON_STATE_DIR (default ~/.xenon). Other commands find the running stack
  * through <state>/stack.json, or $XENON_API_URL.
@@ -230,6 +231,19 @@ async function main(): Promise<void> {
       }
       break;
     }
+    case 'vm': {
+      if (sub === 'build-image') {
+        const { ensureImage, defaultImageDir } = await import('../vm/index.ts');
+        const { createLogger } = await import('../lib/logger.ts');
+        const dir = flags.get('dir') ?? defaultImageDir(env, stateDir);
+        const image = await ensureImage({ dir, logger: createLogger({ service: 'xenon', level: flags.has('verbose') ? 'debug' : 'info' }), ...(env.XENON_VM_MIRROR ? { mirror: env.XENON_VM_MIRROR } : {}) });
+        process.stdout.write(`compute image: ${image.dir}
+${JSON.stringify(image.manifest, null, 2)}
+`);
+        return;
+      }
+      break;
+    }
     case 'help':
     case '--help':
     case '-h':
@@ -254,6 +268,8 @@ const USAGE = `usage: xenon <command>
                                      (point-in-time restore), or of B's latest state
   branch list [--project P]          the branch tree with endpoints
   branch delete <branch> [--project P]
+  vm build-image [--dir D]           build the qemu driver's compute image (needs root, debootstrap;
+                                     default dir: $XENON_VM_IMAGE_DIR or <state>/vm-image)
 State: $XENON_STATE_DIR (default ~/.xenon).
 `;
 

@@ -24,6 +24,14 @@ export interface ControlPlaneConfig {
   readonly idleCheckIntervalMs: number;
   readonly maxWakeCacheMs: number;
   readonly freezer: 'auto' | 'cgroup' | 'signal';
+  /** Where computes run (`XENON_VM_DRIVER`): local processes (default) or QEMU VMs. */
+  readonly vmDriver: 'process' | 'qemu';
+  /** The qemu driver's compute images (`XENON_VM_IMAGE_DIR`, default `<state>/vm-image`). */
+  readonly vmImageDir: string;
+  /** `XENON_VM_ACCEL`: auto (KVM where the CPU has vmx/svm and /dev/kvm exists), kvm or tcg. */
+  readonly vmAccel: 'auto' | 'kvm' | 'tcg';
+  /** Launch → guest agent up, before the boot is retried (0: the driver's default). */
+  readonly vmBootTimeoutMs: number;
   /** Bound of the compute host's image cache (0: no cache; used only where files can be cloned). */
   readonly imageCacheMaxBytes: number;
   /** How often images of recently active branches are fetched into the cache ahead (0: never). */
@@ -77,6 +85,10 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
   const portTo = c.int('XENON_COMPUTE_PORT_MAX', 55999, { min: portFrom, max: 65535 });
   const freezer = c.string('XENON_FREEZER', 'auto');
   if (freezer !== 'auto' && freezer !== 'cgroup' && freezer !== 'signal') throw new ConfigError('XENON_FREEZER must be auto, cgroup or signal');
+  const vmDriver = c.string('XENON_VM_DRIVER', 'process');
+  if (vmDriver !== 'process' && vmDriver !== 'qemu') throw new ConfigError('XENON_VM_DRIVER must be process or qemu');
+  const vmAccel = c.string('XENON_VM_ACCEL', 'auto');
+  if (vmAccel !== 'auto' && vmAccel !== 'kvm' && vmAccel !== 'tcg') throw new ConfigError('XENON_VM_ACCEL must be auto, kvm or tcg');
   return Object.freeze({
     host: c.string('XENON_API_HOST', '127.0.0.1', 'host'),
     port: c.int('XENON_API_PORT', 3000, { min: 0, max: 65535, flag: 'port' }),
@@ -93,6 +105,10 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
     idleCheckIntervalMs: c.int('XENON_IDLE_CHECK_MS', 1000, { min: 10 }),
     maxWakeCacheMs: c.int('XENON_WAKE_CACHE_MS', 30_000, { min: 0 }),
     freezer,
+    vmDriver,
+    vmImageDir: c.optionalString('XENON_VM_IMAGE_DIR') || join(stateDir, 'vm-image'),
+    vmAccel,
+    vmBootTimeoutMs: c.int('XENON_VM_BOOT_TIMEOUT_MS', 0, { min: 0 }),
     imageCacheMaxBytes: c.int('XENON_IMAGE_CACHE_MAX_BYTES', 20 * 1024 ** 3, { min: 0, max: Number.MAX_SAFE_INTEGER }),
     imageWarmIntervalMs: c.int('XENON_IMAGE_CACHE_WARM_MS', 30_000, { min: 0 }),
     computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),

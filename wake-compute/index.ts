@@ -8,7 +8,7 @@ import { XenonError } from '../lib/errors.ts';
 import { HttpReply, Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
 import type { Logger } from '../lib/logger.ts';
 import { formatScramSecret, makeScramSecret } from '../lib/scram.ts';
-import { ProcessDriver, type ComputeDriver } from '../vm/index.ts';
+import { ensureImage, ProcessDriver, QemuDriver, type ComputeDriver } from '../vm/index.ts';
 import {
   ENDPOINT_ID_RE,
   ENDPOINT_STATES,
@@ -126,24 +126,36 @@ function optPassword(b: Record<string, unknown>, key: string): string | undefine
   return v;
 }
 
+/** The compute driver the configuration names (`XENON_VM_DRIVER`). */
+async function createDriver(config: ControlPlaneConfig, logger: Logger): Promise<ComputeDriver> {
+  const common = {
+    pgBin: config.pgBin,
+    dataRoot: config.dataRoot,
+    logDir: computeLogDir(config.stateDir),
+    runAs: config.runAs,
+    portRange: config.computePortRange,
+    settings: config.computeSettings,
+    imageCache: config.imageCacheMaxBytes > 0 ? { maxBytes: config.imageCacheMaxBytes } : false as const,
+    logger,
+  };
+  if (config.vmDriver === 'process') return ProcessDriver.create({ ...common, freezer: config.freezer });
+  // The image is built once (minutes: debootstrap) and then found in its directory.
+  const image = await ensureImage({ dir: config.vmImageDir, logger });
+  return QemuDriver.create({
+    ...common,
+    image,
+    accel: config.vmAccel,
+    ...(config.vmBootTimeoutMs ? { bootTimeoutMs: config.vmBootTimeoutMs } : {}),
+    ...(config.pageserverUrl ? { pageserverUrl: config.pageserverUrl } : {}),
+  });
+}
+
 export async function startControlPlane(config: ControlPlaneConfig, deps: ControlPlaneDeps): Promise<ControlPlaneHandle> {
   const logger = deps.logger;
   const registry = deps.registry ?? new Registry();
   if (!deps.registry) collectDefaultMetrics({ register: registry });
   const store = await MetadataStore.connect(config.databaseUrl);
-  const driver =
-    deps.driver ??
-    (await ProcessDriver.create({
-      pgBin: config.pgBin,
-      dataRoot: config.dataRoot,
-      logDir: computeLogDir(config.stateDir),
-      runAs: config.runAs,
-      portRange: config.computePortRange,
-      settings: config.computeSettings,
-      freezer: config.freezer,
-      imageCache: config.imageCacheMaxBytes > 0 ? { maxBytes: config.imageCacheMaxBytes } : false,
-      logger: logger.child({ component: 'vm' }),
-    }));
+  const driver = deps.driver ?? (await createDriver(config, logger.child({ component: 'vm' })));
 
   const transitions = new Counter({ name: 'xenon_compute_transitions_total', help: 'Compute lifecycle transitions', labelNames: ['from', 'to'], registers: [registry] });
   const transitionSeconds = new Histogram({

@@ -21,6 +21,12 @@ const NEEDS = [
   { what: 'a JDK that runs a source file (java File.java)', ok: () => javaRunsSource(), pkg: 'default-jdk-headless' },
   // The image cache's tests and benchmark mount a small XFS with reflink (test/helpers/xfs.ts).
   { what: 'mkfs.xfs (xfsprogs)', ok: () => onPath('mkfs.xfs') || existsSync('/usr/sbin/mkfs.xfs') || existsSync('/sbin/mkfs.xfs'), pkg: 'xfsprogs' },
+  // The qemu driver (test/vm/qemu-driver.test.ts, test/e2e/qemu.test.ts): QEMU, and what builds
+  // the compute image (debootstrap, xz for the kernel; dpkg-deb, mkfs.ext4 and chroot are in
+  // every Debian).
+  { what: 'qemu-system-x86_64', ok: () => onPath('qemu-system-x86_64'), pkg: 'qemu-system-x86' },
+  { what: 'debootstrap', ok: () => onPath('debootstrap') || existsSync('/usr/sbin/debootstrap'), pkg: 'debootstrap' },
+  { what: 'xz', ok: () => onPath('xz'), pkg: 'xz-utils' },
   // `npm run bench` compares the transaction pooler with PgBouncer (test/bench/pooler.ts, run.ts).
   { what: 'pgbouncer', ok: () => onPath('pgbouncer') || existsSync('/usr/sbin/pgbouncer'), pkg: 'pgbouncer' },
 ];
@@ -76,4 +82,19 @@ if (missing.length) {
 if (isRoot && !readFileSync('/etc/passwd', 'utf8').split('\n').some((l) => l.startsWith('postgres:'))) {
   console.error("xenon: running as root needs a 'postgres' user for the computes; creating it");
   execFileSync('useradd', ['--system', '--user-group', '--home-dir', '/var/lib/postgresql', '--shell', '/bin/sh', 'postgres'], { stdio: 'inherit' });
+}
+
+// The qemu driver's compute image (debootstrap of Debian with PostgreSQL, a kernel, an
+// initramfs): built once here, before the test files start, into the directory they share.
+// Minutes the first time on a machine; found in its directory after that.
+if (isRoot) {
+  const dir = process.env.XENON_VM_IMAGE_DIR || '/var/tmp/xenon-vm-image';
+  console.error(`xenon: making sure the qemu compute image is built (${dir}) …`);
+  const t0 = Date.now();
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'wake-compute/cli.ts', 'vm', 'build-image', '--dir', dir], { stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8' });
+  if (r.status !== 0) {
+    console.error(`xenon: building the compute image failed (exit ${r.status}): ${r.stdout}`);
+    process.exit(1);
+  }
+  console.error(`xenon: compute image ready in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 }
