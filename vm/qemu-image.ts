@@ -18,7 +18,7 @@
  */
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, copyFile, mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, readdir, readFile, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { XenonError } from '../lib/errors.ts';
@@ -210,7 +210,6 @@ async function ensureBase(o: BuildImageOptions, log: Logger): Promise<Base> {
   await mkdir(join(rootfs, 'var/lib/apt/lists/partial'), { recursive: true });
   await writeFile(join(rootfs, 'etc/hostname'), 'xenon-compute\n');
   await writeFile(join(rootfs, 'etc/resolv.conf'), '# compute VMs have no DNS\n');
-  await mkdir(join(rootfs, 'xenon/data'), { recursive: true });
   await writeFile(join(dir, 'base.json'), JSON.stringify({ kernelRelease, builtAt: new Date().toISOString() }) + '\n');
   return { rootfs, kernel: join(dir, 'kernel'), kernelRelease };
 }
@@ -228,6 +227,11 @@ async function installGuestFiles(rootfs: string): Promise<void> {
   };
   await install(GUEST_FILES['agent.sh'], 'usr/local/sbin/xenon-agent');
   await install(GUEST_FILES['restore-wal.sh'], 'usr/local/bin/xenon-restore-wal');
+  // The share's mount point, and /xenon/data: where the agent points it (the share, or a
+  // directory in it) at each start.
+  await rm(join(rootfs, 'xenon'), { recursive: true, force: true });
+  await mkdir(join(rootfs, 'xenon/share'), { recursive: true });
+  await symlink('/run/xenon-data', join(rootfs, 'xenon/data'));
 }
 
 /**

@@ -17,14 +17,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { constants, existsSync, readFileSync } from 'node:fs';
-import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { access, mkdir, mkdtemp, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
-import { delay, findFreePort, writeManagedHba, type RunAs } from '../lib/postgres.ts';
+import { delay, findFreePort, runCommand, writeManagedHba, type RunAs } from '../lib/postgres.ts';
 import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ControlData, StartPlan } from './api.ts';
 import { LocalData, replayAllowanceMs, type ImageCacheStats } from './local-data.ts';
 import { preferPrefetched, shellArg, type MaterialiseResult } from './materialise.ts';
@@ -70,12 +70,18 @@ export interface QemuDriverOptions {
   /** The pageserver, forwarded into every guest for `restore_command` (default: a start plan's). */
   pageserverUrl?: string;
   imageCache?: { maxBytes: number } | false;
+  /**
+   * VMs kept booted without a compute (default 0): a start takes one and starts only Postgres in
+   * it. Needs root on the host (the compute's data is bind-mounted into the waiting VM's share).
+   */
+  warmPool?: number;
   /** Extra QEMU arguments for a boot attempt (1-based): diagnostics, fault injection in tests. */
   extraArgs?: (attempt: number) => string[];
   logger: Logger;
 }
 
 interface Vm {
+  /** The compute's id (a warm VM's own name until it gets one). */
   computeId: string;
   dataKey: string;
   child: ChildProcess;
@@ -89,6 +95,16 @@ interface Vm {
   state: 'running' | 'suspended';
   stopping: boolean;
   exited: Promise<void>;
+  /** Booted for the warm pool and not yet given a compute. */
+  pooled: boolean;
+  /** A warm VM's share (`<dataRoot>/vm-slots/<name>`): the compute's data is bind-mounted at `data`. */
+  slot: string | undefined;
+}
+
+interface PoolEntry {
+  vm: Vm;
+  slot: string;
+  booted: boolean;
 }
 
 /** KVM where the host can do hardware virtualisation, else TCG (software emulation). */
@@ -111,6 +127,9 @@ export class QemuDriver implements ComputeDriver {
   private readonly vms = new Map<string, Vm>();
   private readonly exitListeners: ((e: ComputeExit) => void)[] = [];
   private seq = 0;
+  private readonly pool: PoolEntry[] = [];
+  private filling: Promise<void> | undefined;
+  private closed = false;
 
   private constructor(
     private readonly opts: QemuDriverOptions,
@@ -129,10 +148,14 @@ export class QemuDriver implements ComputeDriver {
       });
     }
     const accel = opts.accel && opts.accel !== 'auto' ? opts.accel : detectAccel();
+    await mkdir(join(opts.dataRoot, 'vm-slots'), { recursive: true, mode: 0o700 });
     // Unix socket paths are limited to 107 bytes: keep them short, whatever the data root.
     const sockDir = await mkdtemp(join(tmpdir(), 'xenon-qsock-'));
-    opts.logger.info('qemu driver ready', { accel, image: opts.image.dir, dataRoot: opts.dataRoot, imageCache: data.cachesImages });
-    return new QemuDriver(opts, data, accel, sockDir);
+    opts.logger.info('qemu driver ready', { accel, image: opts.image.dir, dataRoot: opts.dataRoot, imageCache: data.cachesImages, warmPool: opts.warmPool ?? 0 });
+    const driver = new QemuDriver(opts, data, accel, sockDir);
+    await driver.reclaimPool();
+    void driver.fillPool();
+    return driver;
   }
 
   get cachesImages(): boolean {
@@ -217,63 +240,156 @@ export class QemuDriver implements ComputeDriver {
     await writeFile(join(this.data.keyDir(spec.dataKey), 'xenon-start.conf'), lines.join('\n') + '\n', { mode: 0o644 });
 
     const size = spec.size ?? this.defaultSize();
-    const attempts = this.opts.bootAttempts ?? 3;
-    const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.accel === 'kvm' ? 20_000 : 60_000);
     const readyTimeoutMs = spec.readyTimeoutMs ?? (this.opts.readyTimeoutMs ?? (this.accel === 'kvm' ? 30_000 : 120_000)) + (materialised && spec.plan ? replayAllowanceMs(spec.plan.image.lsn, spec.plan.lsn) * (this.accel === 'kvm' ? 1 : 10) : 0);
+    const t0 = Date.now();
+    const pooled = await this.takePooled(spec, size, log);
+    const vm = pooled ?? (await this.bootWithRetries(spec, size, logFile, target, log));
+    // Postgres inside: `ready`, or `exited` when it failed to start.
+    const startedAt = Date.now();
+    const answer = vm.agent.next((l) => (l === 'ready' || l.startsWith('exited') ? l : undefined), readyTimeoutMs, 'Postgres readiness from the guest agent');
+    vm.agent.write(pooled ? 'start data' : 'start');
+    let reply: string;
+    try {
+      reply = await answer;
+    } catch (err) {
+      await this.kill(vm);
+      throw err;
+    }
+    if (reply !== 'ready') {
+      await this.kill(vm);
+      throw new XenonError('CP_COMPUTE_START_FAILED', `Postgres in compute VM ${spec.computeId} did not start (agent: ${reply})`);
+    }
+    log.info('compute VM ready', { port: vm.port, warm: Boolean(pooled), startMs: Date.now() - startedAt, totalMs: Date.now() - t0 });
+    vm.agent.on('line', (l: string) => {
+      if (l.startsWith('exited') && !vm.stopping) {
+        log.warn('Postgres exited inside the compute VM: powering it off', { agent: l });
+        void this.kill(vm);
+      }
+    });
+    if (pooled && (size.use.cpu !== pooled.size.use.cpu || size.use.memoryMiB !== pooled.size.use.memoryMiB)) {
+      await this.resize(spec.computeId, size.use).catch((err: Error) => log.warn('could not resize the warm VM to the compute\'s size', { err: err.message }));
+    }
+    void this.fillPool();
+    return { host: '127.0.0.1', port: vm.port };
+  }
+
+  /** A new VM for the compute, booted (agent up); hung boots are killed and tried again. */
+  private async bootWithRetries(spec: ComputeSpec, size: ComputeSize, logFile: string, target: URL | undefined, log: Logger): Promise<Vm> {
+    const attempts = this.opts.bootAttempts ?? 3;
     let lastErr: unknown;
     for (let attempt = 1; attempt <= attempts; attempt++) {
-      const inUse = new Set([...this.vms.values()].map((v) => v.port));
-      const port = await findFreePort(this.opts.portRange[0], this.opts.portRange[1], inUse);
-      const t0 = Date.now();
-      let vm: Vm | undefined;
-      try {
-        vm = await this.launch(spec, size, port, logFile, target, attempt);
-        const booted = await vm.agent.next((l) => (l.startsWith('booted') ? l : undefined), bootTimeoutMs, 'boot report from the guest agent');
-        log.info('compute VM booted', { attempt, ms: Date.now() - t0, accel: this.accel, guest: booted });
-      } catch (err) {
+      const vm = await this.bootOne(spec.computeId, spec.dataKey, this.data.keyDir(spec.dataKey), size, logFile, target, attempt, log).catch((err: unknown) => {
         lastErr = err;
-        log.warn('compute VM boot failed: killing it', { attempt, of: attempts, err: (err as Error).message, ms: Date.now() - t0 });
-        if (vm) await this.kill(vm);
-        continue;
-      }
-      // Postgres inside: `ready`, or `exited` when it failed to start.
-      const startedAt = Date.now();
-      const answer = vm.agent.next((l) => (l === 'ready' || l.startsWith('exited') ? l : undefined), readyTimeoutMs, 'Postgres readiness from the guest agent');
-      vm.agent.write('start');
-      let reply: string;
-      try {
-        reply = await answer;
-      } catch (err) {
-        await this.kill(vm);
-        throw err;
-      }
-      if (reply !== 'ready') {
-        await this.kill(vm);
-        throw new XenonError('CP_COMPUTE_START_FAILED', `Postgres in compute VM ${spec.computeId} did not start (agent: ${reply})`);
-      }
-      log.info('compute VM ready', { port, startMs: Date.now() - startedAt, totalMs: Date.now() - t0 });
-      vm.agent.on('line', (l: string) => {
-        if (l.startsWith('exited') && !vm.stopping) {
-          log.warn('Postgres exited inside the compute VM: powering it off', { agent: l });
-          void this.kill(vm);
-        }
+        return undefined;
       });
-      return { host: '127.0.0.1', port };
+      if (vm) {
+        this.vms.set(spec.computeId, vm);
+        return vm;
+      }
     }
     throw new XenonError('CP_COMPUTE_START_FAILED', `compute VM ${spec.computeId} did not boot in ${attempts} attempts: ${(lastErr as Error)?.message}`, { retryable: true });
   }
 
-  private async launch(spec: ComputeSpec, size: ComputeSize, port: number, logFile: string, target: URL | undefined, attempt: number): Promise<Vm> {
+  /** Launches a VM and waits for its agent's boot report (killing it on failure). */
+  private async bootOne(name: string, dataKey: string | undefined, share: string, size: ComputeSize, logFile: string, target: URL | undefined, attempt: number, log: Logger): Promise<Vm> {
+    const inUse = new Set([...this.vms.values(), ...this.pool.map((p) => p.vm)].map((v) => v.port));
+    const port = await findFreePort(this.opts.portRange[0], this.opts.portRange[1], inUse);
+    const t0 = Date.now();
+    let vm: Vm | undefined;
+    try {
+      vm = await this.launch(name, dataKey, share, size, port, logFile, target, attempt);
+      const booted = await vm.agent.next((l) => (l.startsWith('booted') ? l : undefined), this.bootTimeoutMs, 'boot report from the guest agent');
+      log.info('compute VM booted', { vm: name, attempt, ms: Date.now() - t0, accel: this.accel, guest: booted });
+      return vm;
+    } catch (err) {
+      log.warn('compute VM boot failed: killing it', { vm: name, attempt, err: (err as Error).message, ms: Date.now() - t0 });
+      if (vm) await this.kill(vm);
+      throw err;
+    }
+  }
+
+  private get bootTimeoutMs(): number {
+    return this.opts.bootTimeoutMs ?? (this.accel === 'kvm' ? 20_000 : 60_000);
+  }
+
+  /**
+   * A booted VM of the warm pool, given the compute's data (a bind mount into the VM's share:
+   * QEMU holds the share's directory open, so the mount goes on a directory inside it), or
+   * undefined when none is ready or fits.
+   */
+  private async takePooled(spec: ComputeSpec, size: ComputeSize, log: Logger): Promise<Vm | undefined> {
+    const d = this.defaultSize();
+    const fits = size.min.cpu === d.min.cpu && size.min.memoryMiB === d.min.memoryMiB && size.max.cpu === d.max.cpu && size.max.memoryMiB === d.max.memoryMiB;
+    if (!fits) return undefined;
+    const i = this.pool.findIndex((p) => p.booted);
+    if (i < 0) return undefined;
+    const [p] = this.pool.splice(i, 1);
+    const vm = p!.vm;
+    try {
+      await runCommand('mount', ['--bind', this.data.keyDir(spec.dataKey), join(p!.slot, 'data')], undefined);
+    } catch (err) {
+      log.warn('could not give a warm VM the compute\'s data: booting a new one', { err: (err as Error).message });
+      await this.kill(vm);
+      return undefined;
+    }
+    vm.computeId = spec.computeId;
+    vm.dataKey = spec.dataKey;
+    vm.pooled = false;
+    this.vms.set(spec.computeId, vm);
+    await writeFile(this.pidFile(spec.dataKey), `${vm.child.pid}\n`).catch(() => {});
+    log.info('compute VM taken from the warm pool', { port: vm.port, waiting: this.pool.length });
+    return vm;
+  }
+
+  /** Boots VMs until the warm pool has its size (one at a time: booting is CPU-heavy). */
+  fillPool(): Promise<void> {
+    if (this.filling) return this.filling;
+    const want = this.opts.warmPool ?? 0;
+    if (!want || this.closed) return Promise.resolve();
+    this.filling = (async () => {
+      while (!this.closed && this.pool.length < want) {
+        const name = `pool-${++this.seq}`;
+        const slot = join(this.opts.dataRoot, 'vm-slots', name);
+        await mkdir(join(slot, 'data'), { recursive: true, mode: 0o755 });
+        const entry: PoolEntry = { slot, booted: false, vm: undefined as unknown as Vm };
+        try {
+          const vm = await this.bootOne(name, undefined, slot, this.defaultSize(), join(this.opts.logDir, `${name}.log`), this.pageserverTarget(undefined), 1, this.opts.logger);
+          vm.pooled = true;
+          vm.slot = slot;
+          entry.vm = vm;
+          entry.booted = true;
+          if (this.closed) await this.kill(vm);
+          else this.pool.push(entry);
+        } catch (err) {
+          await rm(slot, { recursive: true, force: true }).catch(() => {});
+          this.opts.logger.warn('could not boot a VM for the warm pool', { err: (err as Error).message });
+          await delay(5_000);
+        }
+      }
+    })().finally(() => { this.filling = undefined; });
+    return this.filling;
+  }
+
+  /** Boots the warm pool (`warmPool` VMs) and resolves when it is full. */
+  async warmPool(): Promise<void> {
+    await this.fillPool();
+  }
+
+  /** Warm VMs booted and waiting for a compute. */
+  get pooled(): number {
+    return this.pool.filter((p) => p.booted).length;
+  }
+
+  private async launch(name: string, dataKey: string | undefined, share: string, size: ComputeSize, port: number, logFile: string, target: URL | undefined, attempt: number): Promise<Vm> {
     const n = ++this.seq;
     const agent = await LineChannel.listen(join(this.sockDir, `${n}.agent`));
     const qmpCh = await LineChannel.listen(join(this.sockDir, `${n}.qmp`));
-    const keyDir = this.data.keyDir(spec.dataKey);
     const cpus = vcpus(size.use.cpu);
     const maxCpus = Math.max(cpus, vcpus(size.max.cpu));
     const baseMiB = roundSlots(size.min.memoryMiB);
     const maxMiB = Math.max(baseMiB, roundSlots(size.max.memoryMiB));
     const useMiB = Math.min(maxMiB, Math.max(baseMiB, roundSlots(size.use.memoryMiB)));
-    const append = ['console=ttyS0', ...(process.env.XENON_VM_VERBOSE ? [] : ['quiet']), 'panic=-1', 'memhp_default_state=online_movable', 'xenon.compute=' + spec.computeId];
+    const append = ['console=ttyS0', ...(process.env.XENON_VM_VERBOSE ? [] : ['quiet']), 'panic=-1', 'memhp_default_state=online_movable'];
     // TCG executes no speculation: the mitigations only cost time there.
     if (this.accel === 'tcg') append.push('mitigations=off');
     let netdev = `user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:${port}-:5432`;
@@ -285,7 +401,7 @@ export class QemuDriver implements ComputeDriver {
     }
     const qboot = '/usr/share/qemu/qboot.rom';
     const args = [
-      '-name', `xenon-compute-${spec.computeId}`,
+      '-name', `xenon-compute-${name}`,
       '-M', 'q35', '-accel', this.accel, '-cpu', this.accel === 'kvm' ? 'host' : 'max',
       ...(existsSync(qboot) ? ['-bios', qboot] : []),
       '-smp', `${cpus},maxcpus=${maxCpus}`,
@@ -297,11 +413,11 @@ export class QemuDriver implements ComputeDriver {
       '-kernel', this.opts.image.kernel, '-initrd', this.opts.image.initrd, '-append', append.join(' '),
       '-chardev', `file,id=con,path=${logFile},append=on`, '-serial', 'chardev:con',
       '-drive', `file=${this.opts.image.root},if=none,id=root,format=raw,readonly=on`, '-device', 'virtio-blk-pci,drive=root',
-      '-fsdev', `local,id=data,path=${keyDir},security_model=passthrough`, '-device', 'virtio-9p-pci,fsdev=data,mount_tag=xenon.data',
+      '-fsdev', `local,id=data,path=${share},security_model=passthrough`, '-device', 'virtio-9p-pci,fsdev=data,mount_tag=xenon.data',
       '-netdev', netdev, '-device', 'virtio-net-pci,netdev=net0,romfile=',
       '-chardev', `socket,id=agent,path=${agent.path},server=off`, '-device', 'virtio-serial-pci', '-device', 'virtserialport,chardev=agent,name=xenon.agent',
       '-chardev', `socket,id=qmp,path=${qmpCh.path},server=off`, '-mon', 'chardev=qmp,mode=control',
-      '-pidfile', this.pidFile(spec.dataKey),
+      '-pidfile', dataKey ? this.pidFile(dataKey) : join(this.opts.dataRoot, 'vms', `${name}.pid`),
       ...(this.opts.extraArgs?.(attempt) ?? []),
     ];
     const child = spawn(this.opts.qemuBin ?? 'qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
@@ -311,8 +427,8 @@ export class QemuDriver implements ComputeDriver {
     child.once('error', () => {});
     const qmp = new Qmp(qmpCh);
     const vm: Vm = {
-      computeId: spec.computeId, dataKey: spec.dataKey, child, port, agent, qmpChannel: qmpCh, qmp, size: { ...size, use: { cpu: cpus, memoryMiB: useMiB } },
-      hotCpus: [], state: 'running', stopping: false, exited,
+      computeId: name, dataKey: dataKey ?? '', child, port, agent, qmpChannel: qmpCh, qmp, size: { ...size, use: { cpu: cpus, memoryMiB: useMiB } },
+      hotCpus: [], state: 'running', stopping: false, exited, pooled: false, slot: undefined,
     };
     void exited.then(() => this.onExit(vm, stderr));
     try {
@@ -324,18 +440,38 @@ export class QemuDriver implements ComputeDriver {
       await this.kill(vm);
       throw err;
     }
-    this.vms.set(spec.computeId, vm);
     return vm;
   }
 
   private onExit(vm: Vm, stderr: string): void {
     const wasCurrent = this.vms.get(vm.computeId) === vm;
     if (wasCurrent) this.vms.delete(vm.computeId);
+    const inPool = this.pool.findIndex((p) => p.vm === vm);
+    if (inPool >= 0) {
+      this.pool.splice(inPool, 1);
+      this.opts.logger.warn('a warm VM exited', { vm: vm.computeId, stderr: stderr.trim().slice(-500) });
+      void this.fillPool();
+    }
     void vm.agent.close();
     void vm.qmpChannel.close();
+    if (vm.slot) void this.releaseSlot(vm.slot);
     if (wasCurrent && !vm.stopping) {
       this.opts.logger.warn('compute VM exited unexpectedly', { computeId: vm.computeId, code: vm.child.exitCode, signal: vm.child.signalCode, stderr: stderr.trim().slice(-500) });
       for (const l of this.exitListeners) l({ computeId: vm.computeId, code: vm.child.exitCode, expected: false });
+    }
+  }
+
+  /**
+   * Unmounts a warm VM's data (its QEMU is gone) and removes its slot — never recursively: were
+   * the unmount to fail, the compute's data would still be mounted there.
+   */
+  private async releaseSlot(slot: string): Promise<void> {
+    await runCommand('umount', ['-l', join(slot, 'data')], undefined).catch(() => {});
+    try {
+      await rmdir(join(slot, 'data'));
+      await rmdir(slot);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.opts.logger.warn('could not remove a warm VM\'s slot', { slot, err: (err as Error).message });
     }
   }
 
@@ -489,12 +625,29 @@ export class QemuDriver implements ComputeDriver {
     const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
     if (!pid) return;
     const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes('xenon-compute-') && cmdline.includes(`path=${keyDir},`)) {
+    if (cmdline.includes('xenon-compute-') && (cmdline.includes(`path=${keyDir},`) || cmdline.includes(join(this.opts.dataRoot, 'vm-slots')))) {
       this.opts.logger.warn('stopping a compute VM a previous control plane left running', { dataKey, pid });
       try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await delay(50);
     }
     await rm(pidFile, { force: true });
+  }
+
+  /** Warm VMs and slots a crashed predecessor left: their QEMUs stopped, the slots released. */
+  async reclaimPool(): Promise<void> {
+    const vmsDir = join(this.opts.dataRoot, 'vms');
+    for (const f of await readdir(vmsDir).catch(() => [] as string[])) {
+      if (!/^pool-\d+\.pid$/.test(f)) continue;
+      const pid = Number((await readFile(join(vmsDir, f), 'utf8').catch(() => '')).trim());
+      const cmdline = pid ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
+      if (cmdline.includes('xenon-compute-pool-') && cmdline.includes(join(this.opts.dataRoot, 'vm-slots'))) {
+        try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+        for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await delay(50);
+      }
+      await rm(join(vmsDir, f), { force: true });
+    }
+    const slots = join(this.opts.dataRoot, 'vm-slots');
+    for (const name of await readdir(slots).catch(() => [] as string[])) await this.releaseSlot(join(slots, name));
   }
 
   /** QEMU's pid file: outside the share (the guest must not write what the host acts on). */
@@ -516,6 +669,9 @@ export class QemuDriver implements ComputeDriver {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
+    await this.filling;
+    await Promise.all(this.pool.splice(0).map((p) => this.kill(p.vm)));
     await Promise.all([...this.vms.keys()].map((id) => this.stop(id).catch(() => {})));
     await this.data.close();
     await rm(this.sockDir, { recursive: true, force: true });

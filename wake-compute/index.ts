@@ -145,6 +145,7 @@ async function createDriver(config: ControlPlaneConfig, logger: Logger): Promise
     ...common,
     image,
     accel: config.vmAccel,
+    warmPool: config.vmWarmPool,
     ...(config.vmBootTimeoutMs ? { bootTimeoutMs: config.vmBootTimeoutMs } : {}),
     ...(config.pageserverUrl ? { pageserverUrl: config.pageserverUrl } : {}),
   });

@@ -2,10 +2,11 @@
  * vm/qemu.ts with real QEMU (TCG here: no hardware KVM) booting the real compute image: a
  * compute VM starts on host-made data and serves SQL; it is paused with QMP (its CPU time stops)
  * and resumed; CPUs and memory are resized live, both ways, as the guest sees them; the guest
- * cannot read the host's files; a clean stop keeps the data; a boot that hangs is retried; a VM
- * killed from outside is reported as an unexpected exit.
+ * cannot read the host's files; a clean stop keeps the data; a boot that hangs is retried; a
+ * warm VM from the pool serves a compute's data; a VM killed from outside is reported as an
+ * unexpected exit.
  */
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -18,6 +19,12 @@ import { testVmImage } from '../helpers/qemu.ts';
 
 const ADMIN = { user: 'cloud_admin', password: 'qemu-test-Pa55word' };
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (!cond() && Date.now() < end) await sleep(100);
+  return cond();
+}
 
 /** utime + stime of a process, in clock ticks. */
 function cpuTicks(pid: number): number {
@@ -65,7 +72,8 @@ t.test('QemuDriver with real QEMU and the compute image', { timeout: 600_000 }, 
   const size = { min: { cpu: 1, memoryMiB: 1024 }, max: { cpu: 2, memoryMiB: 2048 }, use: { cpu: 1, memoryMiB: 1024 } };
   const t0 = Date.now();
   const addr = await driver.start({ computeId: 'ep-vm-one', dataKey: 'br-one', size });
-  t.comment(`cold start (launch → Postgres ready) ${Date.now() - t0} ms under ${driver.accel}`);
+  const coldMs = Date.now() - t0;
+  t.comment(`cold start (launch → Postgres ready) ${coldMs} ms under ${driver.accel}`);
   t.equal(driver.status('ep-vm-one'), 'running');
   await query(addr.port, 'CREATE TABLE kept(v int); INSERT INTO kept VALUES (42)');
   t.match(String((await query(addr.port, 'SELECT version() AS v')).rows[0].v), /PostgreSQL 15/, 'Postgres 15 answers through the host forward');
@@ -134,6 +142,28 @@ t.test('QemuDriver with real QEMU and the compute image', { timeout: 600_000 }, 
     t.ok(Date.now() - t1 >= 20_000, `the first attempt waited out the boot timeout (${Date.now() - t1} ms in all)`);
     t.equal(String((await query(a.port, 'SELECT v FROM kept')).rows[0].v), '42', 'the second boot serves');
     await hung.stop('ep-vm-one');
+  });
+
+  await t.test('a warm VM from the pool: a start costs a Postgres start, not a boot', async (t) => {
+    const warm = await QemuDriver.create({
+      pgBin: findPgBin(process.env), dataRoot, logDir: join(root, 'logs'), runAs: pgRunAs(process.env), portRange: [base, base + 99],
+      image, logger: silentLogger, warmPool: 1,
+    });
+    t.teardown(() => warm.close());
+    await warm.warmPool();
+    t.equal(warm.pooled, 1, 'one VM booted and waiting');
+    const t1 = Date.now();
+    const a = await warm.start({ computeId: 'ep-vm-one', dataKey: 'br-one' });
+    const warmMs = Date.now() - t1;
+    t.equal(String((await query(a.port, 'SELECT v FROM kept')).rows[0].v), '42', 'the compute\'s data, served from the warm VM');
+    t.ok(warmMs < coldMs, `warm start ${warmMs} ms < cold start ${coldMs} ms`);
+    t.comment(`warm start (Postgres only) ${warmMs} ms; cold start ${coldMs} ms`);
+    await warm.stop('ep-vm-one');
+    t.equal((await warm.controlData('br-one'))?.state, 'shut down', 'a clean shutdown through the bind mount');
+    t.ok(await waitFor(() => warm.pooled === 1, 120_000), 'the pool refilled');
+    const slots = readdirSync(join(dataRoot, 'vm-slots'));
+    t.equal(slots.length, 1, 'the used VM\'s slot is released');
+    t.same(readdirSync(join(dataRoot, 'vm-slots', slots[0]!, 'data')), [], 'the waiting VM\'s slot holds no data');
   });
 
   await t.test('a VM killed from outside is reported and the next start works', async (t) => {

@@ -2,8 +2,10 @@
 # Xenon compute VM agent: PID 1 of the guest once the initramfs has mounted everything. Talks to
 # the host driver (vm/qemu.ts) over the virtio-serial port `xenon.agent`, one line per message.
 #
-#   host → guest   start            start Postgres on /xenon/data/pgdata, with one `-c` setting
-#                                   per line of /xenon/data/xenon-start.conf
+#   host → guest   start [<dir>]    start Postgres on /xenon/data/pgdata, with one `-c` setting
+#                                   per line of /xenon/data/xenon-start.conf; /xenon/data is
+#                                   <dir> of the 9p share (default: the share itself; a VM of
+#                                   the warm pool gets its compute's data bind-mounted at `data`)
 #                  stop             fast shutdown of Postgres (the reply is its `exited`)
 #                  online <n>       wait (up to 20 s) until <n> CPUs are present, online every
 #                                   offline one (the Debian kernel has no uevent helper to do
@@ -19,7 +21,8 @@
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 PGBIN=/usr/lib/postgresql/15/bin
-DATA=/xenon/data
+SHARE=/xenon/share
+DATA=/xenon/data # → /run/xenon-data (the image's symlink) → the data in the share
 PIDFILE=/run/xenon-postgres.pid
 
 port=
@@ -50,6 +53,11 @@ online_cpus() {
 
 start_postgres() {
   if [ -f "$PIDFILE" ]; then say "exited already-running"; return; fi
+  case "$1" in
+    ''|.) ln -sfn "$SHARE" /run/xenon-data ;;
+    *[!a-z0-9-]*) say "exited bad-directory"; return ;;
+    *) ln -sfn "$SHARE/$1" /run/xenon-data ;;
+  esac
   if [ ! -f "$DATA/pgdata/PG_VERSION" ]; then say "exited no-data"; return; fi
   uid=$(stat -c %u "$DATA/pgdata")
   gid=$(stat -c %g "$DATA/pgdata")
@@ -94,7 +102,8 @@ say "booted $(online_count) $(mem_kb)"
 while :; do
   while IFS= read -r cmd <&3; do
     case "$cmd" in
-      start) start_postgres ;;
+      start) start_postgres . ;;
+      start\ *) start_postgres "${cmd#start }" ;;
       stop) stop_postgres ;;
       online|online\ *)
         n=${cmd#online}

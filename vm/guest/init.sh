@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # Xenon compute VM: the initramfs' /init (busybox). Loads the virtio, ext4, 9p and virtio-mem
 # drivers, brings up user-mode networking, mounts the image's root file system (the read-only
-# virtio disk /dev/vda) and this compute's data share (9p `xenon.data`, at /xenon/data), then
+# virtio disk /dev/vda) and this compute's data share (9p `xenon.data`, at /xenon/share), then
 # hands over to the agent in the image. Nothing else of the host's file system reaches the guest.
 /bin/busybox mkdir -p /bin /proc /sys /dev
 /bin/busybox --install -s /bin
@@ -28,6 +28,6 @@ mount -t devpts devpts /newroot/dev/pts
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 # The data share may be absent (a warm VM waits for its assignment with an empty one).
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xenon.data /newroot/xenon/data \
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xenon.data /newroot/xenon/share \
   || echo "xenon-init: no data share"
 exec switch_root /newroot /usr/local/sbin/xenon-agent
