@@ -25,6 +25,15 @@ export interface ComputeSize {
   use: ComputeResources;
 }
 
+/** A running compute's load: CPU time used so far, memory in use where the driver can see it. */
+export interface ComputeUsage {
+  /** CPU seconds since the compute started (monotonic while it runs). */
+  cpuSeconds: number;
+  /** The size it has now. */
+  size: ComputeResources;
+  memoryUsedMiB?: number;
+}
+
 export interface ComputeSpec {
   /** The endpoint id: one compute per endpoint. */
   computeId: string;
@@ -117,6 +126,8 @@ export interface ComputeDriver {
    * resolves with what the compute has afterwards.
    */
   resize?(computeId: string, use: ComputeResources): Promise<ComputeResources>;
+  /** Load of a running compute, for the autoscaler (undefined when it is not running). */
+  usage?(computeId: string): Promise<ComputeUsage | undefined>;
   /** The host's image cache, for metrics. */
   imageCacheStats?(): { enabled: boolean; entries: number; bytes: number; spares: number; hits: number; misses: number; walHits: number; walMisses: number };
 }

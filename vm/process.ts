@@ -9,11 +9,12 @@ import { join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { findFreePort, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
-import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeSpec, ComputeStatus, ControlData, StartPlan } from './api.ts';
+import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ComputeUsage, ControlData, StartPlan } from './api.ts';
 import { LocalData, replayAllowanceMs, type ImageCacheStats } from './local-data.ts';
 import type { MaterialiseResult } from './materialise.ts';
 import { restoreWal } from './wal-restore.ts';
 import { childPids, createFreezer, type Freezer } from './freezer.ts';
+import { CgroupLimits, cpuSeconds } from './limits.ts';
 
 export interface ProcessDriverOptions {
   pgBin: string;
@@ -39,6 +40,8 @@ export interface ProcessDriverOptions {
 interface Running {
   pg: PostgresProcess;
   dataKey: string;
+  /** Bounds and current size (cgroup limits; no size: unlimited). */
+  size: ComputeSize | undefined;
   suspended: boolean;
   stopping: boolean;
 }
@@ -53,6 +56,7 @@ export class ProcessDriver implements ComputeDriver {
     private readonly opts: ProcessDriverOptions,
     private readonly freezer: Freezer,
     private readonly data: LocalData,
+    private readonly limits: CgroupLimits,
   ) {}
 
   static async create(opts: ProcessDriverOptions): Promise<ProcessDriver> {
@@ -60,8 +64,9 @@ export class ProcessDriver implements ComputeDriver {
     await mkdir(opts.logDir, { recursive: true });
     const scope = createHash('sha256').update(opts.dataRoot).digest('hex').slice(0, 12);
     const freezer = await createFreezer(scope, opts.freezer ?? 'auto');
-    opts.logger.info('process driver ready', { freezer: freezer.kind, dataRoot: opts.dataRoot, imageCache: data.cachesImages });
-    return new ProcessDriver(opts, freezer, data);
+    const limits = await CgroupLimits.create(scope, opts.logger, { cpu: true, memory: true });
+    opts.logger.info('process driver ready', { freezer: freezer.kind, limits: limits.enabled, dataRoot: opts.dataRoot, imageCache: data.cachesImages });
+    return new ProcessDriver(opts, freezer, data, limits);
   }
 
   get cachesImages(): boolean {
@@ -142,11 +147,12 @@ export class ProcessDriver implements ComputeDriver {
           // Materialised settings (recovery) are for this start only: never persisted.
           settings: { password_encryption: 'scram-sha-256', ...this.opts.settings, ...spec.settings, ...recovery, ...materialised?.settings },
         });
-        const r: Running = { pg, dataKey: spec.dataKey, suspended: false, stopping: false };
+        const r: Running = { pg, dataKey: spec.dataKey, size: spec.size, suspended: false, stopping: false };
         this.running.set(spec.computeId, r);
         await this.freezer.adopt(spec.computeId, pg.pid).catch((err: Error) =>
           this.opts.logger.warn('could not put compute in its freezer cgroup', { computeId: spec.computeId, err }),
         );
+        if (spec.size) await this.applyLimits(spec.computeId, r, spec.size.use);
         void pg.waitExit().then(() => this.onExit(spec.computeId, r));
         return { host: '127.0.0.1', port };
       } catch (err) {
@@ -158,9 +164,49 @@ export class ProcessDriver implements ComputeDriver {
     throw lastErr;
   }
 
+  /** cgroup v1 CPU quota and memory limit (a warning, not a failure, where they cannot be set). */
+  private async applyLimits(computeId: string, r: Running, use: ComputeResources): Promise<void> {
+    const problems = await this.limits.set(computeId, r.pg.pid, use).catch((err: Error) => [err.message]);
+    if (problems.length) this.opts.logger.warn('compute limits not (all) applied', { computeId, use, problems });
+  }
+
+  /**
+   * Moves the compute's cgroup limits to `use` (within its bounds): CPU time and memory take
+   * effect at once. Where the cgroup v1 cpu/memory controllers are not writable this changes
+   * nothing but the size the control plane reports (a warning at start says so).
+   */
+  async resize(computeId: string, use: ComputeResources): Promise<ComputeResources> {
+    const r = this.running.get(computeId);
+    if (!r) throw new XenonError('CP_CONFLICT', `compute ${computeId} is not running`);
+    const size = r.size ?? { min: use, max: use, use };
+    const clamped = {
+      cpu: Math.min(size.max.cpu, Math.max(size.min.cpu, use.cpu)),
+      memoryMiB: Math.min(size.max.memoryMiB, Math.max(size.min.memoryMiB, use.memoryMiB)),
+    };
+    await this.applyLimits(computeId, r, clamped);
+    r.size = { ...size, use: clamped };
+    return clamped;
+  }
+
+  async usage(computeId: string): Promise<ComputeUsage | undefined> {
+    const r = this.running.get(computeId);
+    if (!r) return undefined;
+    const cg = await this.limits.current(computeId);
+    return {
+      cpuSeconds: await cpuSeconds(r.pg.pid, true),
+      size: r.size?.use ?? { cpu: cg.cpu ?? 0, memoryMiB: cg.memoryMiB ?? 0 },
+      ...(cg.memoryUsedMiB !== undefined ? { memoryUsedMiB: cg.memoryUsedMiB } : {}),
+    };
+  }
+
+  /** The cgroup limits in force for a running compute (tests, diagnostics). */
+  limitsOf(computeId: string): Promise<{ cpu?: number; memoryMiB?: number; memoryUsedMiB?: number }> {
+    return this.limits.current(computeId);
+  }
+
   private onExit(computeId: string, r: Running): void {
     if (this.running.get(computeId) === r) this.running.delete(computeId);
-    const released = this.freezer.release(computeId).finally(() => {
+    const released = Promise.all([this.freezer.release(computeId), this.limits.release(computeId)]).then(() => {}).finally(() => {
       if (this.releasing.get(computeId) === released) this.releasing.delete(computeId);
     });
     this.releasing.set(computeId, released);

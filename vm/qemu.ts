@@ -16,6 +16,7 @@
  * - Accelerator: KVM where /dev/kvm is usable and the CPU has vmx/svm, else TCG.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { constants, existsSync, readFileSync } from 'node:fs';
 import { access, mkdir, mkdtemp, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -25,7 +26,8 @@ import { fileURLToPath } from 'node:url';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { delay, findFreePort, runCommand, writeManagedHba, type RunAs } from '../lib/postgres.ts';
-import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ControlData, StartPlan } from './api.ts';
+import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ComputeUsage, ControlData, StartPlan } from './api.ts';
+import { CgroupLimits } from './limits.ts';
 import { LocalData, replayAllowanceMs, type ImageCacheStats } from './local-data.ts';
 import { preferPrefetched, shellArg, type MaterialiseResult } from './materialise.ts';
 import { LineChannel, Qmp } from './qmp.ts';
@@ -99,6 +101,8 @@ interface Vm {
   pooled: boolean;
   /** A warm VM's share (`<dataRoot>/vm-slots/<name>`): the compute's data is bind-mounted at `data`. */
   slot: string | undefined;
+  /** The QEMU process' cgroup (CPU quota). */
+  cgroup: string;
 }
 
 interface PoolEntry {
@@ -136,6 +140,7 @@ export class QemuDriver implements ComputeDriver {
     private readonly data: LocalData,
     readonly accel: Accel,
     private readonly sockDir: string,
+    private readonly limits: CgroupLimits,
   ) {}
 
   static async create(opts: QemuDriverOptions): Promise<QemuDriver> {
@@ -152,7 +157,9 @@ export class QemuDriver implements ComputeDriver {
     // Unix socket paths are limited to 107 bytes: keep them short, whatever the data root.
     const sockDir = await mkdtemp(join(tmpdir(), 'xenon-qsock-'));
     opts.logger.info('qemu driver ready', { accel, image: opts.image.dir, dataRoot: opts.dataRoot, imageCache: data.cachesImages, warmPool: opts.warmPool ?? 0 });
-    const driver = new QemuDriver(opts, data, accel, sockDir);
+    // Fractions of a CPU (0.25 CU) are CPU time of the QEMU process; its memory is sized inside the guest.
+    const limits = await CgroupLimits.create(createHash('sha256').update(opts.dataRoot).digest('hex').slice(0, 12), opts.logger, { cpu: true, memory: false });
+    const driver = new QemuDriver(opts, data, accel, sockDir, limits);
     await driver.reclaimPool();
     void driver.fillPool();
     return driver;
@@ -428,7 +435,7 @@ export class QemuDriver implements ComputeDriver {
     const qmp = new Qmp(qmpCh);
     const vm: Vm = {
       computeId: name, dataKey: dataKey ?? '', child, port, agent, qmpChannel: qmpCh, qmp, size: { ...size, use: { cpu: cpus, memoryMiB: useMiB } },
-      hotCpus: [], state: 'running', stopping: false, exited, pooled: false, slot: undefined,
+      hotCpus: [], state: 'running', stopping: false, exited, pooled: false, slot: undefined, cgroup: `vm-${n}`,
     };
     void exited.then(() => this.onExit(vm, stderr));
     try {
@@ -440,7 +447,16 @@ export class QemuDriver implements ComputeDriver {
       await this.kill(vm);
       throw err;
     }
+    await this.applyCpuQuota(vm, size.use.cpu);
     return vm;
+  }
+
+  /** A CPU share below the vCPUs (0.25 CU: one vCPU, a quarter of its time) as a cgroup quota. */
+  private async applyCpuQuota(vm: Vm, cpu: number): Promise<void> {
+    // Under TCG one vCPU's emulation needs a whole host CPU: a quota would only slow it further.
+    if (this.accel !== 'kvm' || !this.limits.enabled.cpu || !vm.child.pid) return;
+    const problems = await this.limits.set(vm.cgroup, vm.child.pid, { cpu, memoryMiB: 0 }).catch((err: Error) => [err.message]);
+    if (problems.length) this.opts.logger.warn('compute VM CPU quota not applied', { vm: vm.computeId, problems });
   }
 
   private onExit(vm: Vm, stderr: string): void {
@@ -455,6 +471,7 @@ export class QemuDriver implements ComputeDriver {
     void vm.agent.close();
     void vm.qmpChannel.close();
     if (vm.slot) void this.releaseSlot(vm.slot);
+    void this.limits.release(vm.cgroup);
     if (wasCurrent && !vm.stopping) {
       this.opts.logger.warn('compute VM exited unexpectedly', { computeId: vm.computeId, code: vm.child.exitCode, signal: vm.child.signalCode, stderr: stderr.trim().slice(-500) });
       for (const l of this.exitListeners) l({ computeId: vm.computeId, code: vm.child.exitCode, expected: false });
@@ -596,9 +613,29 @@ export class QemuDriver implements ComputeDriver {
         await delay(100);
       }
     }
-    vm.size = { ...vm.size, use: { cpu: present, memoryMiB: wantMiB } };
-    log.info('compute VM resized', { cpus: present, memoryMiB: wantMiB });
+    const cpu = Math.min(max.cpu, Math.max(min.cpu, use.cpu, 0.01));
+    await this.applyCpuQuota(vm, cpu);
+    vm.size = { ...vm.size, use: { cpu, memoryMiB: wantMiB } };
+    log.info('compute VM resized', { cpu, vcpus: present, memoryMiB: wantMiB });
     return vm.size.use;
+  }
+
+  /**
+   * Load as the guest sees it (its agent reads /proc/stat and /proc/meminfo): CPU seconds busy on
+   * all vCPUs, memory in use. Not QEMU's own CPU time: under TCG an idle guest's emulation alone
+   * costs a tenth of a host CPU, which would read as load.
+   */
+  async usage(computeId: string): Promise<ComputeUsage | undefined> {
+    const vm = this.vms.get(computeId);
+    if (!vm || vm.state !== 'running') return undefined;
+    const reply = await this.agentRequest(computeId, 'stat', 'stat ', 5_000).catch(() => undefined);
+    const [busy, , memTotal, memAvailable] = (reply ?? '').slice(5).split(' ').map(Number);
+    if (busy === undefined || !Number.isFinite(busy)) return undefined;
+    return {
+      cpuSeconds: busy / 100, // USER_HZ
+      size: vm.size.use,
+      ...(memTotal && memAvailable !== undefined && Number.isFinite(memAvailable) ? { memoryUsedMiB: (memTotal - memAvailable) / 1024 } : {}),
+    };
   }
 
   /** Sends a line to a compute's guest agent and returns its first answer line (tests, diagnostics). */

@@ -74,6 +74,16 @@ export interface Endpoint {
   connection_rate_limit: ConnectionRateLimit | null;
   /** Server connections per (database, role) of the transaction pooler (`<id>-pooler`); null = the proxies' default (20). */
   pool_size: number | null;
+  /**
+   * Autoscaling bounds in compute units (1 CU = 1 vCPU + 4 GiB; fractions of a CPU as CPU time).
+   * null: unsized — the driver's default size, no limits, no autoscaling.
+   */
+  min_cu: number | null;
+  max_cu: number | null;
+  /** A size pinned by hand (`xenon endpoint set --cu`); null = the autoscaler decides. */
+  cu_override: number | null;
+  /** The running compute's size now; null when it is not running. */
+  cu: number | null;
   /** Live client connections reported by the proxies. */
   connections: number;
   last_active_at: string | null;
@@ -118,7 +128,7 @@ export interface Database {
 export interface LifecycleEvent {
   id: number;
   endpoint_id: string;
-  event: 'start' | 'started' | 'start_failed' | 'spec_failed' | 'suspend' | 'resume' | 'stop' | 'exit' | 'wal_quorum_missing';
+  event: 'start' | 'started' | 'start_failed' | 'spec_failed' | 'suspend' | 'resume' | 'stop' | 'exit' | 'wal_quorum_missing' | 'resized';
   detail: string | null;
   at: string;
 }
@@ -189,6 +199,11 @@ export interface UpdateEndpointRequest {
   connection_rate_limit?: ConnectionRateLimit | null;
   /** Transaction pooler pool size, 1–10000; null resets to the proxies' default. */
   pool_size?: number | null;
+  /** Autoscaling bounds, 0.25–16 CU in steps of 0.25 (set both the first time). */
+  min_cu?: number;
+  max_cu?: number;
+  /** Pins the size (within the bounds; applied live to a running compute); null: autoscaling. */
+  cu?: number | null;
 }
 
 export interface UpdateProjectRequest {

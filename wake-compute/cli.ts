@@ -6,6 +6,7 @@
  *   xenon status                      projects and endpoints with their state
  *   xenon project create [--name N]   a new project (branch main, endpoint, role, database)
  *   xenon endpoint list|start|suspend|stop|get <endpoint> [--project P]
+ *   xenon endpoint set <endpoint> [--min-cu X] [--max-cu Y] [--cu N|auto]
  *   xenon branch create [--parent main] [--name N] [--lsn X | --at <time>] [--project P]
  *   xenon branch list [--project P]   the branch tree
  *   xenon branch delete <branch> [--project P]
@@ -178,6 +179,26 @@ async function main(): Promise<void> {
         }
         return;
       }
+      if (sub === 'set') {
+        // --cu N pins the size (applied live), --cu auto hands it back to the autoscaler.
+        const num = (name: string): number | undefined => {
+          const v = flags.get(name);
+          if (v === undefined) return undefined;
+          const n = Number(v);
+          if (!Number.isFinite(n)) throw new Error(`--${name} must be a number of compute units (e.g. 0.25, 1, 2)`);
+          return n;
+        };
+        const cuFlag = flags.get('cu');
+        const req = {
+          ...(num('min-cu') !== undefined ? { min_cu: num('min-cu')! } : {}),
+          ...(num('max-cu') !== undefined ? { max_cu: num('max-cu')! } : {}),
+          ...(cuFlag === 'auto' ? { cu: null } : cuFlag !== undefined ? { cu: num('cu')! } : {}),
+        };
+        if (!Object.keys(req).length) throw new Error('xenon endpoint set <endpoint> [--min-cu X] [--max-cu Y] [--cu N|auto]');
+        const e = (await c.updateEndpoint(id, req)).endpoint;
+        process.stdout.write(`${e.id} ${e.state} cu=${e.cu ?? '-'} (min ${e.min_cu ?? '-'}, max ${e.max_cu ?? '-'}, ${e.cu_override === null ? 'autoscaled' : `pinned at ${e.cu_override}`})\n`);
+        return;
+      }
       if (sub === 'start' || sub === 'suspend' || sub === 'stop') {
         const e = (await c.endpointAction(id, sub)).endpoint;
         process.stdout.write(`${e.id} ${e.state}\n`);
@@ -263,6 +284,9 @@ const USAGE = `usage: xenon <command>
   endpoint list [--project P]        list endpoints
   endpoint get|start|suspend|stop <endpoint>
   endpoint wal <endpoint>            where the endpoint's WAL stands on each safekeeper
+  endpoint set <endpoint> [--min-cu X] [--max-cu Y] [--cu N|auto]
+                                     compute size in CU (1 CU = 1 vCPU + 4 GiB): autoscaling
+                                     bounds, or a size pinned by hand (live), or back to auto
   branch create [--parent B] [--name N] [--lsn X | --at TIME] [--project P]
                                      a branch (with an endpoint) of B as of an LSN or a time
                                      (point-in-time restore), or of B's latest state

@@ -34,6 +34,8 @@ export interface ControlPlaneConfig {
   readonly vmBootTimeoutMs: number;
   /** qemu driver: VMs kept booted for the next cold start (`XENON_VM_WARM_POOL`, default 0). */
   readonly vmWarmPool: number;
+  /** How often sized computes are sampled and resized between min_cu and max_cu (0: never). */
+  readonly autoscaleIntervalMs: number;
   /** Bound of the compute host's image cache (0: no cache; used only where files can be cloned). */
   readonly imageCacheMaxBytes: number;
   /** How often images of recently active branches are fetched into the cache ahead (0: never). */
@@ -112,6 +114,7 @@ export function loadControlPlaneConfig(env: Env = process.env, argv: readonly st
     vmAccel,
     vmBootTimeoutMs: c.int('XENON_VM_BOOT_TIMEOUT_MS', 0, { min: 0 }),
     vmWarmPool: c.int('XENON_VM_WARM_POOL', 0, { min: 0, max: 64 }),
+    autoscaleIntervalMs: c.int('XENON_AUTOSCALE_INTERVAL_MS', 5_000, { min: 0 }),
     imageCacheMaxBytes: c.int('XENON_IMAGE_CACHE_MAX_BYTES', 20 * 1024 ** 3, { min: 0, max: Number.MAX_SAFE_INTEGER }),
     imageWarmIntervalMs: c.int('XENON_IMAGE_CACHE_WARM_MS', 30_000, { min: 0 }),
     computeSettings: Object.freeze(parseSettings(c.optionalString('XENON_COMPUTE_SETTINGS'))),

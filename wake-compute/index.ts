@@ -8,6 +8,7 @@ import { XenonError } from '../lib/errors.ts';
 import { HttpReply, Router, startHttpServer, type HttpServerHandle } from '../lib/http.ts';
 import type { Logger } from '../lib/logger.ts';
 import { formatScramSecret, makeScramSecret } from '../lib/scram.ts';
+import { Autoscaler } from './autoscaler.ts';
 import { ensureImage, ProcessDriver, QemuDriver, type ComputeDriver } from '../vm/index.ts';
 import {
   ENDPOINT_ID_RE,
@@ -109,6 +110,16 @@ function optPoolSize(b: Record<string, unknown>, key: string): number | null | u
   if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 10_000) throw badRequest(`${key} must be null or an integer from 1 to 10000`);
   return v;
 }
+/** A compute size in CU: 0.25–16 in steps of 0.25 (null only where `nullable`). */
+function optCu(b: Record<string, unknown>, key: string, nullable: boolean): number | null | undefined {
+  const v = b[key];
+  if (v === undefined) return undefined;
+  if (v === null && nullable) return null;
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0.25 || v > 16 || Math.round(v * 4) !== v * 4) {
+    throw badRequest(`${key} must be ${nullable ? 'null or ' : ''}a number of compute units from 0.25 to 16 in steps of 0.25`);
+  }
+  return v;
+}
 function optAllowedIps(b: Record<string, unknown>, key: string): string[] | undefined {
   const v = b[key];
   if (v === undefined || v === null) return undefined;
@@ -185,6 +196,8 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     },
   });
   await manager.init();
+  const autoscaler = new Autoscaler({ store, driver, manager, logger: logger.child({ component: 'autoscaler' }), registry, intervalMs: config.autoscaleIntervalMs });
+  autoscaler.start();
   new Gauge({
     name: 'xenon_endpoints', help: 'Endpoints by state', labelNames: ['state'], registers: [registry],
     async collect() {
@@ -213,7 +226,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
 
   const host = (id: string): string => `${id}.${config.domain}`;
   const epOut = (r: EndpointRow) =>
-    endpointOut(r, { host: host(r.id), state: manager.state(r.id), connections: manager.connections(r.id), lastActive: manager.lastActive(r.id) });
+    endpointOut(r, { host: host(r.id), state: manager.state(r.id), connections: manager.connections(r.id), lastActive: manager.lastActive(r.id), cu: manager.cu(r.id) });
   const connectionUri = (endpointId: string, role: string, password: string | undefined, db: string): string =>
     `postgresql://${encodeURIComponent(role)}${password === undefined ? '' : `:${encodeURIComponent(password)}`}@${host(endpointId)}:${config.proxyPort}/${encodeURIComponent(db)}?sslmode=verify-full`;
   const insertEndpoint = async (s: MetadataStore, id: string, projectId: string, branchId: string, suspend: number, stop: number): Promise<void> => {
@@ -421,7 +434,22 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
       connection_rate_limit: optRateLimit(b, 'connection_rate_limit'),
     });
     if (poolSize !== undefined) row = await store.setEndpointPoolSize(row.id, poolSize);
+    const minCu = optCu(b, 'min_cu', false) ?? undefined;
+    const maxCu = optCu(b, 'max_cu', false) ?? undefined;
+    const cu = optCu(b, 'cu', true);
+    if (minCu !== undefined || maxCu !== undefined || cu !== undefined) {
+      const lo = minCu ?? row.min_cu ?? maxCu;
+      const hi = maxCu ?? row.max_cu ?? minCu;
+      if (lo === undefined || hi === undefined || lo === null || hi === null) throw badRequest('set min_cu and max_cu first: the endpoint has no size yet');
+      if (hi < lo) throw badRequest(`max_cu (${hi}) must not be below min_cu (${lo})`);
+      const pin = cu === undefined ? row.cu_override : cu;
+      if (pin !== null && (pin < lo || pin > hi)) throw badRequest(`cu (${pin}) must be within min_cu and max_cu (${lo}–${hi})`);
+      row = await store.setEndpointSize(row.id, { min_cu: lo, max_cu: hi, ...(cu !== undefined ? { cu } : {}) });
+    }
     manager.refresh(row);
+    if (minCu !== undefined || maxCu !== undefined || cu !== undefined) {
+      await autoscaler.apply(row);
+    }
     if (b.connection_rate_limit !== undefined || poolSize !== undefined) manager.invalidate(row.id, 'access');
     if (row.disabled) await manager.stop(row.id);
     return { endpoint: epOut(row) };
@@ -542,6 +570,7 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     manager,
     driver,
     async close() {
+      autoscaler.stop();
       await http.close();
       await manager.close();
       safekeepers.close();

@@ -10,7 +10,7 @@
  */
 import { createHash } from 'node:crypto';
 import pg from 'pg';
-import type { ComputeAddress, ComputeDriver } from '../vm/index.ts';
+import type { ComputeAddress, ComputeDriver, ComputeResources } from '../vm/index.ts';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { quoteIdent, quoteLiteral } from '../lib/postgres.ts';
@@ -41,6 +41,13 @@ interface Runtime {
   attached?: { projectId: string; branchId: string };
   /** The branch of its last start (whose images the host's cache keeps warm for a while). */
   branch?: { projectId: string; branchId: string };
+  /** The running compute's size in CU (undefined when stopped). */
+  cu?: number;
+}
+
+/** 1 CU = 1 vCPU + 4 GiB (as Neon's compute units; fractions of a CPU are CPU time). */
+export function cuResources(cu: number): ComputeResources {
+  return { cpu: cu, memoryMiB: Math.round(cu * 4096) };
 }
 
 /** Branches of endpoints active within this long have their newest image kept in the host's cache. */
@@ -166,6 +173,35 @@ export class ComputeManager {
   }
 
   /** Live connections to `endpointId` summed over every proxy's unexpired report. */
+  /** The running compute's size in CU; null when it is not running. */
+  cu(endpointId: string): number | null {
+    const rt = this.runtimes.get(endpointId);
+    return rt && rt.state !== 'stopped' && rt.cu !== undefined ? rt.cu : null;
+  }
+
+  /** Active computes with their size (the autoscaler's work list). */
+  activeComputes(): { id: string; cu: number }[] {
+    return [...this.runtimes.values()].filter((rt) => rt.state === 'active' && rt.cu !== undefined).map((rt) => ({ id: rt.id, cu: rt.cu! }));
+  }
+
+  /**
+   * Resizes a running compute under its lock (no start, stop or suspend meanwhile); false when it
+   * is not active (then nothing changed).
+   */
+  async resize(endpointId: string, cu: number, why: string): Promise<boolean> {
+    const rt = this.runtimes.get(endpointId);
+    if (!rt || !this.o.driver.resize) return false;
+    return this.withLock(rt, async () => {
+      if (rt.state !== 'active' || rt.cu === undefined || rt.cu === cu) return false;
+      const from = rt.cu;
+      await this.o.driver.resize!(rt.id, cuResources(cu));
+      rt.cu = cu;
+      await this.o.store.recordEvent(rt.id, 'resized', `${from} → ${cu} CU: ${why}`).catch(() => {});
+      this.o.logger.info('compute resized', { endpoint: rt.id, from, to: cu, why });
+      return true;
+    });
+  }
+
   connections(endpointId: string): number {
     const now = this.now();
     let n = 0;
@@ -216,6 +252,7 @@ export class ComputeManager {
   private async setState(rt: Runtime, to: EndpointState, t0?: number): Promise<void> {
     const from = rt.state;
     rt.state = to;
+    if (to === 'stopped') rt.cu = undefined;
     await this.o.store.setEndpointState(rt.id, to, new Date(rt.lastActive)).catch((err: Error) =>
       this.o.logger.warn('could not persist endpoint state', { endpoint: rt.id, state: to, err }),
     );
@@ -277,6 +314,9 @@ export class ComputeManager {
       }
       const sk = this.o.safekeepers;
       rt.branch = { projectId: branch.project_id, branchId: branch.id };
+      // An unsized endpoint gets the driver's default size (no limits, no autoscaling).
+      const cu = row.min_cu === null || row.max_cu === null ? undefined : (row.cu_override ?? row.min_cu);
+      const size = cu === undefined ? undefined : { min: cuResources(row.min_cu!), max: cuResources(row.max_cu!), use: cuResources(cu) };
       // The pageserver learns of the compute (for images) while the safekeepers connect to it.
       const attach = async (address: ComputeAddress): Promise<void> => {
         if (!this.o.storage) return;
@@ -292,6 +332,7 @@ export class ComputeManager {
         const address = (rt.address = await this.o.driver.start({
           computeId: rt.id,
           dataKey: branch.id,
+          ...(size ? { size } : {}),
           settings: sk.computeSettings(generation),
           wal: { timelineId: branch.id, upTo: sp.upTo, safekeepers: sp.order },
           ...(plan ? { plan } : {}),
@@ -303,9 +344,10 @@ export class ComputeManager {
         this.o.logger.info('safekeepers follow the compute', { endpoint: rt.id, generation, startLsn: sp.upTo });
         await attaching;
       } else {
-        rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id, ...(plan ? { plan } : {}) });
+        rt.address = await this.o.driver.start({ computeId: rt.id, dataKey: branch.id, ...(size ? { size } : {}), ...(plan ? { plan } : {}) });
         await attach(rt.address);
       }
+      rt.cu = cu;
     } catch (err) {
       this.o.logger.error('compute start failed', { endpoint: rt.id, err });
       await attaching?.catch(() => {}); // settled before the detach in releaseWal

@@ -72,6 +72,15 @@ const MIGRATIONS: readonly string[] = [
   // 5: branches made from a point of their parent's history (the pageserver's ancestor LSN, and
   // the time asked for when the branch was made "as of" a timestamp).
   `ALTER TABLE branches ADD COLUMN parent_lsn text, ADD COLUMN parent_time timestamptz;`,
+  // 6: compute size in compute units (1 CU = 1 vCPU + 4 GiB): the autoscaler's bounds, and a
+  // size pinned by hand (NULL = autoscaling between the bounds). No bounds (NULL): the driver's
+  // default size, no limits and no autoscaling.
+  `ALTER TABLE endpoints
+     ADD COLUMN min_cu double precision CHECK (min_cu >= 0.25),
+     ADD COLUMN max_cu double precision CHECK (max_cu <= 16),
+     ADD COLUMN cu_override double precision,
+     ADD CONSTRAINT endpoints_cu_bounds CHECK ((min_cu IS NULL) = (max_cu IS NULL) AND max_cu >= min_cu),
+     ADD CONSTRAINT endpoints_cu_override CHECK (cu_override IS NULL OR (cu_override >= min_cu AND cu_override <= max_cu));`,
 ];
 
 const iso = (d: Date | null): string | null => (d ? d.toISOString() : null);
@@ -89,6 +98,10 @@ export interface EndpointRow {
   connection_rate_burst: number | null;
   /** Migration 4: null = the proxies' default. */
   pool_size: number | null;
+  /** Migration 6: compute units (1 CU = 1 vCPU + 4 GiB); null bounds = unsized; `cu_override` null = autoscaling. */
+  min_cu: number | null;
+  max_cu: number | null;
+  cu_override: number | null;
   created_at: Date;
 }
 
@@ -298,6 +311,20 @@ export class MetadataStore {
     if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
     return row;
   }
+  /**
+   * The compute size: bounds, and a pinned size (`cu`: a number pins it, null returns it to
+   * autoscaling, undefined keeps it). A pin outside new bounds is refused (400).
+   */
+  async setEndpointSize(id: string, patch: { min_cu?: number; max_cu?: number; cu?: number | null }): Promise<EndpointRow> {
+    const [row] = await this.q<EndpointRow>(
+      `UPDATE endpoints SET min_cu = coalesce($2, min_cu), max_cu = coalesce($3, max_cu),
+         cu_override = CASE WHEN $4 THEN $5 ELSE cu_override END
+       WHERE id = $1 RETURNING *`,
+      [id, patch.min_cu ?? null, patch.max_cu ?? null, patch.cu !== undefined, patch.cu ?? null],
+    );
+    if (!row) throw new XenonError('CP_ENDPOINT_NOT_FOUND', `endpoint ${id} not found`, { userMessage: `endpoint ${id} not found` });
+    return row;
+  }
   /** The transaction pooler's pool size for the endpoint; null = the proxies' default. */
   async setEndpointPoolSize(id: string, poolSize: number | null): Promise<EndpointRow> {
     const [row] = await this.q<EndpointRow>('UPDATE endpoints SET pool_size = $2 WHERE id = $1 RETURNING *', [id, poolSize]);
@@ -398,7 +425,7 @@ export function branchOut(r: BranchRow): Branch {
   };
 }
 
-export function endpointOut(r: EndpointRow, extra: { host: string; state: EndpointState; connections: number; lastActive: Date | null }): Endpoint {
+export function endpointOut(r: EndpointRow, extra: { host: string; state: EndpointState; connections: number; lastActive: Date | null; cu?: number | null }): Endpoint {
   return {
     id: r.id,
     project_id: r.project_id,
@@ -410,6 +437,10 @@ export function endpointOut(r: EndpointRow, extra: { host: string; state: Endpoi
     disabled: r.disabled,
     connection_rate_limit: rateLimitOut(r),
     pool_size: r.pool_size ?? null,
+    min_cu: r.min_cu,
+    max_cu: r.max_cu,
+    cu_override: r.cu_override,
+    cu: extra.cu ?? null,
     connections: extra.connections,
     last_active_at: iso(extra.lastActive ?? r.last_active_at),
     created_at: r.created_at.toISOString(),

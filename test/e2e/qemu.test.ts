@@ -4,6 +4,7 @@
 // later (VM gone) with the data intact on the next wake; a VM killed from outside is noticed and
 // the next connection wakes the endpoint again.
 import t from 'tap';
+import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -46,7 +47,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 t.test('qemu driver end to end', { timeout: 600_000 }, async (t) => {
   await testVmImage(); // built by pretest; here only when this file runs alone
-  const stack = await startTestStack(t, { XENON_VM_DRIVER: 'qemu', XENON_VM_IMAGE_DIR: TEST_IMAGE_DIR });
+  const stack = await startTestStack(t, { XENON_VM_DRIVER: 'qemu', XENON_VM_IMAGE_DIR: TEST_IMAGE_DIR, XENON_AUTOSCALE_INTERVAL_MS: '500' });
   const ep = stack.info.endpoint_id;
   const branch = (await stack.api.getEndpoint(ep)).endpoint.branch_id;
   const state = async (): Promise<string> => (await stack.api.getEndpoint(ep)).endpoint.state;
@@ -85,6 +86,39 @@ t.test('qemu driver end to end', { timeout: 600_000 }, async (t) => {
     await stack.api.updateEndpoint(ep, { suspend_timeout_seconds: 600, stop_timeout_seconds: 600 });
     t.same((await query(stack, 'SELECT v FROM kept')).rows, [{ v: 'in a vm' }], 'data intact on the next wake');
     t.not(qemuPid(stack, branch, ep), pid, 'a new VM');
+  });
+
+  await t.test('sizes: autoscaled between min_cu and max_cu under load, pinned by hand', async (t) => {
+    const get = async () => (await stack.api.getEndpoint(ep)).endpoint;
+    t.match(await get(), { min_cu: null, max_cu: null, cu: null }, 'unsized: the driver\'s default VM, no autoscaling');
+    t.match((await stack.api.updateEndpoint(ep, { min_cu: 0.25, max_cu: 0.5 })).endpoint, { min_cu: 0.25, max_cu: 0.5, cu_override: null });
+    await t.rejects(stack.api.updateEndpoint(ep, { cu: 2 }), /within min_cu and max_cu/, 'a pin outside the bounds is refused');
+    // Sizes take effect at the next start (the running VM was booted without room to grow).
+    await stack.api.endpointAction(ep, 'stop');
+    await query(stack, 'SELECT 1');
+    t.equal((await get()).cu, 0.25, 'started at min_cu');
+
+    // A busy loop: more CPU than a quarter CU → one size up (1 GiB more memory plugged live).
+    const c = new pg.Client({ ...stack.pgConfig(), connectionTimeoutMillis: 90_000 });
+    await c.connect();
+    const busy = c.query(`DO $$ BEGIN WHILE clock_timestamp() < now() + interval '8 s' LOOP END LOOP; END $$`);
+    t.ok(await waitFor(async () => (await get()).cu === 0.5, 30_000, 250), 'scaled up to max_cu under load');
+    await busy;
+    await c.end();
+    t.ok(await waitFor(async () => (await get()).cu === 0.25, 30_000, 250), 'scaled back down when idle');
+    const events = (await stack.api.endpointEvents(ep)).events.filter((e) => e.event === 'resized').map((e) => e.detail);
+    t.match(events, [/0\.25 → 0\.5 CU: cpu/, /0\.5 → 0\.25 CU: cpu/], 'decisions recorded with their reason');
+
+    // By hand, with the CLI (as `kubectl patch … use` in NeonVM): pinned, applied live.
+    const cli = spawnSync(process.execPath, ['--import', 'tsx', 'wake-compute/cli.ts', 'endpoint', 'set', ep, '--cu', '0.5'], { env: { ...process.env, XENON_API_URL: stack.info.api_url }, encoding: 'utf8' });
+    t.equal(cli.status, 0, cli.stderr);
+    t.match(cli.stdout, /cu=0\.5 .*pinned at 0\.5/);
+    await sleep(2500);
+    t.match(await get(), { cu: 0.5, cu_override: 0.5 }, 'a pinned size stays while idle');
+    const metrics = await (await fetch(`${stack.info.api_url}/metrics`)).text();
+    t.match(metrics, new RegExp(`xenon_compute_cu\\{endpoint="${ep}"\\} 0\\.5`), 'current size as a metric');
+    t.match(metrics, /xenon_autoscaler_decisions_total\{direction="up"\} [1-9]/);
+    t.match((await stack.api.updateEndpoint(ep, { cu: null })).endpoint, { cu_override: null }, 'back to autoscaling');
   });
 
   await t.test('a VM killed from outside: endpoint marked stopped, the next connection wakes it', async (t) => {

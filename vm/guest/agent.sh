@@ -11,6 +11,9 @@
 #                                   offline one (the Debian kernel has no uevent helper to do
 #                                   it), reply `cpus <online>`
 #                  mem              reply `mem <MemTotal kB>`
+#                  stat             reply `stat <busy> <total> <MemTotal kB> <MemAvailable kB>`: CPU
+#                                   jiffies of all CPUs since boot (the autoscaler's load; shell
+#                                   builtins only, so that sampling costs the guest nothing)
 #                  ping             reply `pong`
 #   guest → host   booted <cpus> <MemTotal kB>   once, when the agent is up
 #                  ready            Postgres accepts connections
@@ -110,6 +113,15 @@ while :; do
         online_cpus "${n# }"
         say "cpus $(online_count)" ;;
       mem) say "mem $(mem_kb)" ;;
+      stat)
+        read -r _ u n sy id io irq sirq st _ < /proc/stat
+        busy=$((u + n + sy + irq + sirq + st))
+        mt=0
+        ma=0
+        while read -r k v _; do
+          case "$k" in MemTotal:) mt=$v ;; MemAvailable:) ma=$v ;; esac
+        done < /proc/meminfo
+        say "stat $busy $((busy + id + io)) $mt $ma" ;;
       ping) say pong ;;
       *) say "error unknown command" ;;
     esac
