@@ -208,6 +208,9 @@ export async function startControlPlane(config: ControlPlaneConfig, deps: Contro
     },
   });
 
+  if (driver instanceof QemuDriver) {
+    new Gauge({ name: 'xenon_vm_warm_pool', help: 'Compute VMs booted and waiting for a compute (qemu driver)', registers: [registry], collect() { this.set(driver.pooled); } });
+  }
   if (driver.imageCacheStats) {
     const stats = driver.imageCacheStats.bind(driver);
     new Gauge({
