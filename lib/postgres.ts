@@ -12,7 +12,7 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, cpSync, createWriteStream, type WriteStream, existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from 'node:fs';
-import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, lstat, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { dirname, join, relative } from 'node:path';
 import { createServer } from 'node:net';
@@ -201,9 +201,13 @@ export const MANAGED_PG_HBA =
 /** (Re)writes the managed pg_hba.conf (a data dir made by an older version lacks the replication lines). */
 export async function writeManagedHba(dataDir: string, runAs: RunAs | undefined, hba = MANAGED_PG_HBA): Promise<void> {
   const path = join(dataDir, 'pg_hba.conf');
-  if ((await readFile(path, 'utf8').catch(() => '')) === hba) return;
-  await writeFile(path, hba, { mode: 0o600 });
-  if (runAs) await chown(path, runAs.uid, runAs.gid);
+  if (!(await lstat(path).then((st) => st.isSymbolicLink(), () => false)) && (await readFile(path, 'utf8').catch(() => '')) === hba) return;
+  // Written beside and renamed over: never through a symlink left at either name.
+  const tmp = `${path}.xenon-tmp`;
+  await rm(tmp, { force: true });
+  await writeFile(tmp, hba, { mode: 0o600, flag: 'wx' });
+  if (runAs) await chown(tmp, runAs.uid, runAs.gid);
+  await rename(tmp, path);
 }
 
 /** Picks a free loopback TCP port in [from, to] (probe by binding), skipping `exclude`. */

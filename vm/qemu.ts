@@ -18,7 +18,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { constants, existsSync, readFileSync } from 'node:fs';
-import { access, mkdir, mkdtemp, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
+import { access, lstat, mkdir, mkdtemp, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -120,6 +120,20 @@ export function detectAccel(): Accel {
     return fd ? 'kvm' : 'tcg';
   } catch {
     return 'tcg';
+  }
+}
+
+/**
+ * The host writes into a compute's directory before each start (pg_hba.conf, WAL from the
+ * safekeepers, the settings file) as root, and a guest can write there too: the directories it
+ * goes through must be real ones, not links a guest made to somewhere on the host.
+ */
+export async function assertNoGuestLinks(keyDir: string): Promise<void> {
+  for (const rel of ['pgdata', 'pgdata/pg_wal', 'pgdata/pg_wal/archive_status', 'pgdata/global', 'wal-prefetch']) {
+    const st = await lstat(join(keyDir, rel)).catch(() => undefined);
+    if (st && !st.isDirectory()) {
+      throw new XenonError('CP_COMPUTE_START_FAILED', `${join(keyDir, rel)} is not a directory (a link left by the compute?): refusing to start on it`);
+    }
   }
 }
 
@@ -229,6 +243,7 @@ export class QemuDriver implements ComputeDriver {
 
   private async boot(spec: ComputeSpec, log: Logger, logFile: string, materialised: MaterialiseResult | undefined, target: URL | undefined): Promise<ComputeAddress> {
     const dataDir = this.data.dataDir(spec.dataKey);
+    await assertNoGuestLinks(this.data.keyDir(spec.dataKey));
     await writeManagedHba(dataDir, this.opts.runAs, VM_PG_HBA);
     let recovery: Record<string, string> = {};
     if (spec.wal && !(materialised && spec.plan?.mode === 'archive')) {
@@ -244,7 +259,9 @@ export class QemuDriver implements ComputeDriver {
       if (/[\n\r\0]/.test(line)) throw new XenonError('CP_BAD_REQUEST', `setting ${k} has a line break in its value`);
       lines.push(line);
     }
-    await writeFile(join(this.data.keyDir(spec.dataKey), 'xenon-start.conf'), lines.join('\n') + '\n', { mode: 0o644 });
+    const conf = join(this.data.keyDir(spec.dataKey), 'xenon-start.conf');
+    await rm(conf, { force: true }); // never written through a link the guest left
+    await writeFile(conf, lines.join('\n') + '\n', { mode: 0o644, flag: 'wx' });
 
     const size = spec.size ?? this.defaultSize();
     const readyTimeoutMs = spec.readyTimeoutMs ?? (this.opts.readyTimeoutMs ?? (this.accel === 'kvm' ? 30_000 : 120_000)) + (materialised && spec.plan ? replayAllowanceMs(spec.plan.image.lsn, spec.plan.lsn) * (this.accel === 'kvm' ? 1 : 10) : 0);

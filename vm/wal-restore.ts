@@ -6,7 +6,7 @@
  * LSN, with a Range read), and any that is missing or differs is replaced with the safekeeper's
  * copy. History files the compute lacks are copied as well.
  */
-import { chown, open, rename, stat } from 'node:fs/promises';
+import { chown, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../lib/logger.ts';
 import { formatLsn, parseLsn, parseSegmentFileName, segmentOf, segmentStart, WAL_SEGMENT_SIZE } from '../lib/lsn.ts';
@@ -62,7 +62,10 @@ async function readLocal(path: string, start: number, end: number): Promise<Buff
 /** Writes `data` to a temporary name, fsyncs, hands it to `runAs` and renames it into place. */
 export async function writeFileDurably(path: string, data: Buffer, runAs: RunAs | undefined): Promise<void> {
   const tmp = `${path}.xenon-tmp`;
-  const fh = await open(tmp, 'w', 0o600);
+  // Never through a link someone left at the temporary name (a compute VM's guest can write
+  // into its data directory): remove it, then create exclusively.
+  await rm(tmp, { force: true });
+  const fh = await open(tmp, 'wx', 0o600);
   try {
     await fh.writeFile(data);
     await fh.datasync();

@@ -4,7 +4,8 @@
  * - cold start: endpoint stopped → first row through the proxy (a VM boot + Postgres start);
  * - the same with a warm pool of one VM (XENON_VM_WARM_POOL=1: Postgres start only; the pool
  *   refills between runs);
- * - resume: endpoint paused (QMP stop) → first row through the proxy.
+ * - resume: endpoint paused (QMP stop), 300 ms (as run.ts: the proxy's heartbeat carries the
+ *   invalidation of its cached address), → first row through the proxy.
  * Prints the accelerator used (kvm where the CPU has vmx/svm, else tcg).
  */
 import { firstRow, spread } from './harness.ts';
@@ -43,6 +44,7 @@ async function main(): Promise<void> {
       await firstRow(cold.pgConfig());
       await cold.api.endpointAction(cold.info.endpoint_id, 'suspend');
       if (!(await waitFor(async () => (await state(cold)) === 'suspended', 10_000))) throw new Error('not suspended');
+      await new Promise((r) => setTimeout(r, 300)); // as run.ts: the proxy's heartbeat carries the invalidation of its cached address
       resumes.push(await firstRow(cold.pgConfig()));
     }
     rows.push(['resume (paused → first row through the proxy)', resumes]);

@@ -118,13 +118,18 @@ t.test('QemuDriver with real QEMU and the compute image', { timeout: 600_000 }, 
     t.comment(`resume → first row ${Date.now() - r0} ms`);
   });
 
-  await t.test('a clean stop keeps the data; the next boot serves it', async (t) => {
+  await t.test('a clean stop keeps the data; the next boot serves it; links the guest leaves are not followed', async (t) => {
     const [pid] = await driver.pids('ep-vm-one');
+    // A hostile guest (here its superuser) leaves links in its share pointing at host paths.
+    await guest(addr.port, `ln -sfn ${marker} /xenon/data/xenon-start.conf && ln -sfn /etc /xenon/data/wal-prefetch && echo planted`);
     await driver.stop('ep-vm-one');
     t.equal(driver.status('ep-vm-one'), 'stopped');
     t.throws(() => process.kill(pid!, 0), 'QEMU is gone');
     t.equal((await driver.controlData('br-one'))?.state, 'shut down', 'Postgres inside shut down cleanly');
+    await t.rejects(driver.start({ computeId: 'ep-vm-one', dataKey: 'br-one' }), /wal-prefetch is not a directory/, 'a start on a directory link is refused');
+    rmSync(join(dataRoot, 'computes', 'br-one', 'wal-prefetch'));
     const again = await driver.start({ computeId: 'ep-vm-one', dataKey: 'br-one' });
+    t.equal(readFileSync(marker, 'utf8'), 'host-only marker\n', 'the settings file was not written through the guest\'s link');
     t.equal(String((await query(again.port, 'SELECT v FROM kept')).rows[0].v), '42');
     await driver.stop('ep-vm-one');
     t.same(exits, [], 'no unexpected exit so far');
