@@ -41,8 +41,11 @@ async function withClient<T>(stack: TestStack, endpoint: string | undefined, fn:
 
 const dataDirOf = (stack: TestStack, branchId: string): string => join(stack.dirs.data, 'computes', branchId, 'pgdata');
 
+// One stack for the file. The second test branches the same default project's main branch (its own
+// table, a branch of its own) after the first one is done with it.
+const stack = await startTestStack(t);
+
 t.test('branches at an LSN and at a time, isolation both ways, branch of a branch, a compute without its data directory', async (t) => {
-  const stack = await startTestStack(t);
   const project = stack.info.project_id;
   const main = await connect(stack);
   t.teardown(() => main.end().catch(() => {}));
@@ -105,21 +108,21 @@ t.test('branches at an LSN and at a time, isolation both ways, branch of a branc
 });
 
 t.test('the ancestor-segment hazard: a branch whose own WAL is gone fails loudly instead of replaying its parent; adoption of a project the pageserver never saw', async (t) => {
-  const stack = await startTestStack(t);
   const project = stack.info.project_id;
   const ps = new PageserverClient(stack.info.pageserver_url);
+  // `items` on main belongs to the test above: this one has its own table.
   await withClient(stack, undefined, async (c) => {
-    await c.query('CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL)');
-    await c.query(`INSERT INTO items SELECT g, 'parent' FROM generate_series(1, 100) g`);
+    await c.query('CREATE TABLE hazard (id int PRIMARY KEY, v text NOT NULL)');
+    await c.query(`INSERT INTO hazard SELECT g, 'parent' FROM generate_series(1, 100) g`);
   });
   const br = await stack.api.createBranch(project, { name: 'b' });
   // The branch writes past a segment boundary: its own first segments are complete.
   const own = await withClient(stack, br.endpoint!.id, async (c) => {
-    await c.query(`INSERT INTO items SELECT g, 'branch' FROM generate_series(101, 200) g`);
+    await c.query(`INSERT INTO hazard SELECT g, 'branch' FROM generate_series(101, 200) g`);
     const { rows: [r] } = await c.query<{ lsn: string; tli: number }>(`SELECT pg_current_wal_lsn()::text AS lsn, (SELECT timeline_id FROM pg_control_checkpoint()) AS tli`);
     // More than a segment of WAL (the role may not call pg_switch_wal()).
     await c.query(`CREATE TABLE filler AS SELECT g, repeat(md5(g::text), 16) AS v FROM generate_series(1, 40000) g`);
-    await c.query(`INSERT INTO items VALUES (201, 'after a segment')`);
+    await c.query(`INSERT INTO hazard VALUES (201, 'after a segment')`);
     return r!;
   });
   await stack.api.endpointAction(br.endpoint!.id, 'stop');

@@ -22,6 +22,10 @@ function xenon(args: string[], env: NodeJS.ProcessEnv, viaBin = false): Promise<
   });
 }
 
+// One stack for the two tests that need one (the second runs after the first is done). Started
+// before any test is queued: tap ends the root test when its queue runs dry.
+const stack = await startTestStack(t);
+
 t.test('xenon bin: help, unknown commands, no stack', async (t) => {
   const env = { ...process.env, XENON_STATE_DIR: join(ROOT, '.tap', 'no-such-state') };
   const help = await xenon(['help'], env, true);
@@ -36,7 +40,6 @@ t.test('xenon bin: help, unknown commands, no stack', async (t) => {
 });
 
 t.test('xenon commands against a running stack', async (t) => {
-  const stack = await startTestStack(t);
   const env = stack.env;
 
   const certs = await xenon(['certs'], env);
@@ -86,7 +89,6 @@ t.test('xenon commands against a running stack', async (t) => {
 });
 
 t.test('one xenon up per state dir; a crashed control plane\'s compute is reclaimed at the next start', async (t) => {
-  const stack = await startTestStack(t);
   const second = await xenon(['up', '--json'], stack.env);
   t.equal(second.code, 1, 'a second xenon up on the same state dir fails');
   t.match(second.stderr, /already running on .* \(pid \d+\)/);

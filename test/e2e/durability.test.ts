@@ -169,14 +169,20 @@ t.test('ledger: kill -9 computes and safekeepers at random moments; no acknowled
     t.ok(await waitFor(() => acked.length > before + 5, 60_000), `round ${round}: commits go on after the kill`);
   }
   // Whatever the machine's speed: the WAL since the base must run over several segments, so
-  // that the recovery below stitches segments together.
+  // that the recovery below stitches segments together. The ledger alone writes WAL slowly (one
+  // small commit at a time, ~2 MB/s here): bulk inserts into another table, while the ledger goes
+  // on, write the rest at once.
   const probe = new pg.Client(stack.pgConfig());
   await probe.connect();
   const baseCheckpoint = (await readControlData(base)).checkpoint;
-  t.ok(await waitFor(async () => {
-    const { rows } = await probe.query<{ l: string }>('SELECT pg_current_wal_lsn()::text AS l');
-    return parseLsn(rows[0]!.l) >= baseCheckpoint + 2n * 16n * 1024n * 1024n;
-  }, 180_000, 500), 'the WAL since the base runs over at least three segments');
+  const walTarget = baseCheckpoint + 2n * 16n * 1024n * 1024n;
+  const walNow = async (): Promise<bigint> => parseLsn((await probe.query<{ l: string }>('SELECT pg_current_wal_lsn()::text AS l')).rows[0]!.l);
+  await probe.query('CREATE TABLE wal_filler (id int, v text)');
+  // ~8 MB of WAL per insert (rows of ~1 kB, below the TOAST threshold: not compressed).
+  for (let i = 0; i < 8 && (await walNow()) < walTarget; i++) {
+    await probe.query(`INSERT INTO wal_filler SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 8000) g`);
+  }
+  t.ok(await waitFor(async () => (await walNow()) >= walTarget, 180_000, 500), 'the WAL since the base runs over at least three segments');
   await probe.end();
   running = false;
   await ledger;

@@ -1,11 +1,14 @@
 // Acceptance: wake on connect, scale to zero (suspend, then stop), single-flight cold starts,
-// and failed authentication that never wakes a compute.
+// and failed authentication that never wakes a compute; psql and node-postgres reach an endpoint
+// by hostname over verified TLS through the proxy, a restart of the whole stack keeps projects,
+// roles and data, and a cancel goes through the proxy.
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import pg from 'pg';
-import { startTestStack, waitFor, type TestStack } from '../helpers/stack.ts';
+import { psql, startTestStack, waitFor, type TestStack } from '../helpers/stack.ts';
 
 /** pid and port of the endpoint's postmaster, from its lock file (undefined when it is not running). */
 function postmaster(stack: TestStack, branchId: string): { pid: number; port: number } | undefined {
@@ -41,8 +44,12 @@ async function startEvents(stack: TestStack): Promise<number> {
   return (await stack.api.endpointEvents(stack.info.endpoint_id)).events.filter((e) => e.event === 'start').length;
 }
 
+// One stack for the file (default settings: the proxy's access cache keeps its 4-minute TTL). The
+// tests run in order on it: the restart of the stack after the lifecycle tests, and the password
+// reset of the owner role last.
+const stack = await startTestStack(t);
+
 t.test('lifecycle', async (t) => {
-  const stack = await startTestStack(t);
   const ep = stack.info.endpoint_id;
   const branch = (await stack.api.getEndpoint(ep)).endpoint.branch_id;
   await query(stack, 'CREATE TABLE kept (v text); INSERT INTO kept VALUES ($$before sleep$$)');
@@ -125,27 +132,7 @@ t.test('lifecycle', async (t) => {
   });
 });
 
-t.test('a password reset reaches the proxy within a heartbeat, despite its 4-minute secret cache', async (t) => {
-  const stack = await startTestStack(t); // default access cache TTL (240 s)
-  const { project_id: project, role } = stack.info;
-  const old = stack.info.password;
-  t.same((await query(stack, 'SELECT 1 AS one')).rows, [{ one: 1 }], 'the secret is now cached at the proxy');
-  const fresh = 'a-brand-new-password';
-  await stack.api.createRole(project, 'main', { name: 'helper_role', password: 'helper-password' });
-  const reset = await fetch(`${stack.info.api_url}/v1/projects/${project}/branches/main/roles/${role}/reset_password`, {
-    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ password: fresh }),
-  });
-  t.equal(reset.status, 200);
-  t.ok(await waitFor(async () => {
-    try { await query(stack, 'SELECT 1', { password: fresh }); return true; } catch { return false; }
-  }, 3_000, 100), 'the new password works within a few heartbeats');
-  const err = await query(stack, 'SELECT 1', { password: old }).then(() => undefined, (e: pg.DatabaseError) => e);
-  t.equal(err?.code, '28P01', 'the old password is refused');
-  t.same((await query(stack, 'SELECT current_user AS u', { user: 'helper_role', password: 'helper-password' })).rows, [{ u: 'helper_role' }], 'a role created while running works');
-});
-
 t.test('a change the compute refuses is rolled back and explained', async (t) => {
-  const stack = await startTestStack(t);
   const { project_id: project } = stack.info;
   await stack.api.createRole(project, 'main', { name: 'owner_of_things', password: 'things-password' });
   await query(stack, 'GRANT CREATE ON SCHEMA public TO owner_of_things'); // as the database owner
@@ -165,7 +152,6 @@ t.test('a change the compute refuses is rolled back and explained', async (t) =>
 });
 
 t.test('no escalation: roles cannot grant themselves server-program rights; a client leaving mid-wake leaves nothing behind', async (t) => {
-  const stack = await startTestStack(t);
   const ep = stack.info.endpoint_id;
   const err = await query(stack, 'GRANT pg_execute_server_program TO CURRENT_USER').then(() => undefined, (e: pg.DatabaseError) => e);
   t.equal(err?.code, '42501', 'permission denied');
@@ -185,4 +171,102 @@ t.test('no escalation: roles cannot grant themselves server-program rights; a cl
   t.ok(await waitFor(async () => (await stack.api.getEndpoint(ep)).endpoint.connections === 0, 5_000), 'no live connection is left counted');
   const { rows } = await query(stack, `SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = current_user AND pid <> pg_backend_pid()`);
   t.same(rows, [{ n: 0 }], 'no compute session was kept for the departed client');
+});
+
+t.test('psql and pg by hostname, and a restart keeps everything', async (t) => {
+  t.match(stack.info.connection_string, /^postgresql:\/\/neondb_owner:[^@]+@ep-[a-z]+-[a-z]+-\d{6}\.localtest\.me:\d+\/neondb\?sslmode=verify-full&sslrootcert=/);
+
+  const r1 = await psql(stack.psqlConn(), 'CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, $$one$$), (2, $$two$$); SELECT count(*) FROM items;');
+  t.equal(r1.code, 0, `psql succeeded: ${r1.stderr}`);
+  t.equal(r1.stdout.split('\n').pop(), '2');
+
+  // The client's connection is TLS (verify-full passed, so the certificate covers the endpoint's name).
+  const ssl = await psql(stack.psqlConn(), '\\conninfo');
+  t.equal(ssl.code, 0, ssl.stderr);
+  t.match(ssl.stdout, /SSL connection \(protocol: TLSv1\.[23]/);
+
+  const c = new pg.Client(stack.pgConfig());
+  await c.connect();
+  await c.query('INSERT INTO items VALUES ($1, $2)', [3, 'three']);
+  const { rows } = await c.query<{ n: string }>('SELECT count(*) AS n FROM items');
+  t.equal(rows[0]!.n, '3', 'pg sees psql\'s rows and its own');
+  const who = await c.query<{ u: string; d: string }>('SELECT current_user AS u, current_database() AS d');
+  t.same(who.rows[0], { u: stack.info.role, d: 'neondb' });
+  await c.end();
+
+  // sslmode=verify-full with the wrong name fails certificate verification (no endpoint leaks).
+  const wrong = await psql(stack.psqlConn({ extra: '' }).replace(/host=\S+/, 'host=localhost.example.com'), 'SELECT 1');
+  t.not(wrong.code, 0, 'a host the certificate does not cover is refused by libpq');
+  t.match(wrong.stderr, /does not match host name/);
+
+  // Restart everything on the same state dir.
+  const before = stack.info;
+  t.equal(await stack.stop(), 0, 'xenon up exits 0 on Ctrl-C');
+  await stack.restart();
+  t.equal(stack.info.endpoint_id, before.endpoint_id, 'same endpoint after restart');
+  t.equal(stack.info.password, before.password, 'same role password after restart');
+  const projects = await stack.api.listProjects();
+  t.same(projects.projects.map((p) => p.id), [before.project_id], 'projects kept');
+  const r2 = await psql(stack.psqlConn(), 'SELECT string_agg(name, $$,$$ ORDER BY id) FROM items');
+  t.equal(r2.code, 0, r2.stderr);
+  t.equal(r2.stdout, 'one,two,three', 'rows kept across a restart of the stack');
+});
+
+t.test('cancel: psql interrupted during pg_sleep(30) is cancelled through the proxy', async (t) => {
+  // The proxy's cancel counters below count from its restart in the test above.
+  const t0 = Date.now();
+  const child = spawn('psql', [stack.psqlConn(), '-X', '-c', 'SELECT pg_sleep(30)'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  // Wait until the query runs on the compute, then Ctrl-C (libpq sends a CancelRequest to the proxy).
+  const running = async (): Promise<boolean> => {
+    const c = new pg.Client(stack.pgConfig());
+    await c.connect();
+    try {
+      const { rows } = await c.query<{ n: number }>(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'`);
+      return rows[0]!.n === 1;
+    } finally { await c.end(); }
+  };
+  t.ok(await waitFor(running, 10_000, 100), 'the sleep is running');
+  const sentAt = Date.now();
+  child.kill('SIGINT');
+  const code = await new Promise<number | null>((r) => child.once('exit', r));
+  t.not(code, 0);
+  t.match(stderr, /canceling statement due to user request/);
+  t.ok(Date.now() - sentAt < 1_000, `cancelled ${Date.now() - sentAt} ms after Ctrl-C`);
+  t.ok(Date.now() - t0 < 15_000);
+  const metrics = await (await fetch(`${stack.info.metrics_url}/metrics`)).text();
+  t.match(metrics, /xenon_proxy_cancel_requests_total\{outcome="forwarded"\} 1/);
+
+  // A cancel key nobody owns is ignored (and does not crash anything).
+  await new Promise<void>((res) => {
+    const s = connect(stack.info.proxy_port, '127.0.0.1', () => {
+      const b = Buffer.alloc(16);
+      b.writeInt32BE(16, 0); b.writeInt32BE(80877102, 4); b.writeInt32BE(12345, 8); b.writeInt32BE(67890, 12);
+      s.write(b);
+    });
+    s.on('close', () => res());
+    s.on('error', () => res());
+  });
+  const after = await (await fetch(`${stack.info.metrics_url}/metrics`)).text();
+  t.match(after, /xenon_proxy_cancel_requests_total\{outcome="unknown_key"\} 1/);
+});
+
+t.test('a password reset reaches the proxy within a heartbeat, despite its 4-minute secret cache', async (t) => {
+  // The stack's default access cache TTL (240 s). Last in the file: the owner's password changes.
+  const { project_id: project, role } = stack.info;
+  const old = stack.info.password;
+  t.same((await query(stack, 'SELECT 1 AS one')).rows, [{ one: 1 }], 'the secret is now cached at the proxy');
+  const fresh = 'a-brand-new-password';
+  await stack.api.createRole(project, 'main', { name: 'helper_role', password: 'helper-password' });
+  const reset = await fetch(`${stack.info.api_url}/v1/projects/${project}/branches/main/roles/${role}/reset_password`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ password: fresh }),
+  });
+  t.equal(reset.status, 200);
+  t.ok(await waitFor(async () => {
+    try { await query(stack, 'SELECT 1', { password: fresh }); return true; } catch { return false; }
+  }, 3_000, 100), 'the new password works within a few heartbeats');
+  const err = await query(stack, 'SELECT 1', { password: old }).then(() => undefined, (e: pg.DatabaseError) => e);
+  t.equal(err?.code, '28P01', 'the old password is refused');
+  t.same((await query(stack, 'SELECT current_user AS u', { user: 'helper_role', password: 'helper-password' })).rows, [{ u: 'helper_role' }], 'a role created while running works');
 });

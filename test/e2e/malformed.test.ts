@@ -345,13 +345,16 @@ t.test('malformed input gets a clean error or close; the proxy keeps serving', a
     t.equal(hungUp.data.length, 0, 'and says nothing (nobody is listening)');
     t.ok((hungUp.closeMs ?? Infinity) < PROMPT_MS, 'without waiting for its startup timeout');
 
-    const quiet = await exchange([half]);
+    // Both wait out the startup timeout: played side by side.
+    const [quiet, trickle] = await Promise.all([
+      exchange([half]),
+      exchange([...full].map((b) => Buffer.from([b])), { gapMs: 150 }),
+    ]);
     expectFatal(t, quiet, '08006', { message: /timed out waiting for the startup packet/, what: 'half a StartupMessage, then silence' });
     t.ok(quiet.firstByteMs !== undefined && quiet.firstByteMs >= STARTUP_TIMEOUT_MS * 0.8 && quiet.firstByteMs < 5_000, `the timeout error came after ~1 s (${Math.round(quiet.firstByteMs ?? -1)} ms)`);
 
     // Trickling bytes does not extend the deadline: one byte every 150 ms (5 s for the packet)
     // still times out after ~1 s.
-    const trickle = await exchange([...full].map((b) => Buffer.from([b])), { gapMs: 150 });
     expectFatal(t, trickle, '08006', { message: /timed out waiting for the startup packet/, what: 'one byte every 150 ms' });
     t.ok(trickle.firstByteMs !== undefined && trickle.firstByteMs >= STARTUP_TIMEOUT_MS * 0.8 && trickle.firstByteMs < 2_500, `the deadline is not extended by activity (${Math.round(trickle.firstByteMs ?? -1)} ms)`);
 
@@ -364,11 +367,13 @@ t.test('malformed input gets a clean error or close; the proxy keeps serving', a
     // 'GET ' read as a length word is 1,195,725,856 bytes: far over the cap.
     expectFatal(t, await exchange([Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')]), '08P01', { message: /startup packet too large/, promptMs: PROMPT_MS, what: 'an HTTP request' });
     const rand = prng(0x5eed);
-    for (let i = 0; i < 5; i++) {
-      const junk = garbage(rand, 64);
-      expectErrorOrClose(t, await exchange([junk]), ['08P01', '0A000', '08006'], `64 random bytes #${i} (${junk.subarray(0, 8).toString('hex')}…)`);
+    const junks = Array.from({ length: 5 }, () => garbage(rand, 64));
+    // Side by side: some of them wait out the startup timeout.
+    const [tlsHeader, ...replies] = await Promise.all([exchange([Buffer.from([0x16, 0x03, 0x01])]), ...junks.map((junk) => exchange([junk]))]);
+    for (const [i, junk] of junks.entries()) {
+      expectErrorOrClose(t, replies[i]!, ['08P01', '0A000', '08006'], `64 random bytes #${i} (${junk.subarray(0, 8).toString('hex')}…)`);
     }
-    expectErrorOrClose(t, await exchange([Buffer.from([0x16, 0x03, 0x01])]), ['08006'], 'three bytes of a TLS record header');
+    expectErrorOrClose(t, tlsHeader!, ['08006'], 'three bytes of a TLS record header');
   });
 
   await t.test('4. garbage before an SSLRequest', async (t) => {
@@ -417,6 +422,10 @@ t.test('malformed input gets a clean error or close; the proxy keeps serving', a
   });
 
   await t.test("8. 'S', then no TLS ClientHello", async (t) => {
+    // 'S', then silence (checked last): it waits out the startup timeout while the others play.
+    const silent = await open();
+    silent.socket.write(SSL_REQUEST);
+    const silentReply = silent.finish();
     for (const [what, bytes] of [
       ['a plaintext StartupMessage', serialize.startup({ user: 'x', database: 'y' })],
       ['an HTTP request', Buffer.from('GET / HTTP/1.1\r\n\r\n')],
@@ -432,9 +441,7 @@ t.test('malformed input gets a clean error or close; the proxy keeps serving', a
       t.ok(r.data.length === 1 || r.data[1] === 0x15, `${what}: nothing after 'S' but perhaps a TLS alert record`);
     }
     // 'S', then silence: the handshake times out and the proxy closes.
-    const peer = await open();
-    peer.socket.write(SSL_REQUEST);
-    const r = await peer.finish();
+    const r = await silentReply;
     t.equal(r.data[0], 0x53, "silent after 'S'");
     t.ok(r.closed, `the proxy closed the connection (${Math.round(r.closeMs ?? -1)} ms)`);
     t.ok((r.closeMs ?? Infinity) >= STARTUP_TIMEOUT_MS * 0.8, 'after the startup timeout');
@@ -550,18 +557,17 @@ t.test('malformed input gets a clean error or close; the proxy keeps serving', a
       expectFatal(t, await peer.finish(), '08P01', { before: ['R'], message: /invalid SASLInitialResponse/, what: 'SASLInitialResponse with a bad data length' });
     }
 
-    // Silent inside TLS: the startup timeout still answers, encrypted.
-    peer = await openTls(t);
-    if (peer) {
-      const r = await peer.finish();
-      expectFatal(t, r, '08006', { message: /timed out waiting for the startup packet/, what: 'TLS, then silence' });
-      t.ok((r.firstByteMs ?? 0) >= STARTUP_TIMEOUT_MS * 0.8 && (r.firstByteMs ?? Infinity) <= 5_000, `after ~1 s (${Math.round(r.firstByteMs ?? -1)} ms)`);
+    // Silent inside TLS: the startup timeout still answers, encrypted. (Both wait it out, side by side.)
+    const silent = await openTls(t);
+    const halfSent = await openTls(t);
+    halfSent?.socket.write(serialize.startup({ user: role, database }).subarray(0, 10));
+    const [silentReply, halfReply] = await Promise.all([silent?.finish(), halfSent?.finish()]);
+    if (silentReply) {
+      expectFatal(t, silentReply, '08006', { message: /timed out waiting for the startup packet/, what: 'TLS, then silence' });
+      t.ok((silentReply.firstByteMs ?? 0) >= STARTUP_TIMEOUT_MS * 0.8 && (silentReply.firstByteMs ?? Infinity) <= 5_000, `after ~1 s (${Math.round(silentReply.firstByteMs ?? -1)} ms)`);
     }
-
-    peer = await openTls(t);
-    if (peer) {
-      peer.socket.write(serialize.startup({ user: role, database }).subarray(0, 10));
-      expectFatal(t, await peer.finish(), '08006', { message: /timed out waiting for the startup packet/, what: 'TLS, half a StartupMessage, then silence' });
+    if (halfReply) {
+      expectFatal(t, halfReply, '08006', { message: /timed out waiting for the startup packet/, what: 'TLS, half a StartupMessage, then silence' });
     }
 
     peer = await openTls(t);
