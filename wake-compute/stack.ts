@@ -217,10 +217,10 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
   await mkdir(logDir, { recursive: true });
   const certs = await ensureCerts({ stateDir, domain: o.domain });
   if (certs.created.ca) o.log(`created a local CA: ${certs.caCert}`);
-  const meta = await startMetadataCluster(stateDir, env, o.log);
   const services: ServiceProcess[] = [];
   let stopping = false;
   let sks: LocalSafekeeper[] = [];
+  let meta: Awaited<ReturnType<typeof startMetadataCluster>> | undefined;
   const stop = async (): Promise<void> => {
     stopping = true;
     // Proxy first (no new sessions), then the control plane (it stops every compute, which
@@ -230,16 +230,23 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
       await s.exited;
     }
     for (const k of sks) await k.stop();
-    await meta.pg.stop('fast');
+    await meta?.pg.stop('fast');
     await unlock();
   };
   try {
-    // The control plane prints connection strings with the proxy's port: with "any free port"
-    // (0), choose it now so both services know the same one.
+    // The control plane prints connection strings with the proxy's port, and the proxy needs the
+    // control plane's address: with "any free port" (0), choose both now, so that the two start
+    // side by side.
     const proxyPort = env.XENON_PROXY_PORT === '0' ? String(await findFreePort(20000, 29999)) : env.XENON_PROXY_PORT;
-    const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain, ...(proxyPort ? { XENON_PROXY_PORT: proxyPort } : {}) };
-    // Safekeepers first (computes commit only once a quorum has their WAL), stopped last.
-    sks = await startSafekeepers(stateDir, env, baseEnv, logDir, o, () => stopping);
+    const apiPort = env.XENON_API_PORT === '0' ? String(await findFreePort(40000, 44999)) : (env.XENON_API_PORT ?? '3000');
+    const apiHost = env.XENON_API_HOST && env.XENON_API_HOST !== '0.0.0.0' && env.XENON_API_HOST !== '::' ? env.XENON_API_HOST : '127.0.0.1';
+    const baseEnv: NodeJS.ProcessEnv = { ...env, XENON_STATE_DIR: stateDir, XENON_DOMAIN: o.domain, XENON_API_PORT: apiPort, ...(proxyPort ? { XENON_PROXY_PORT: proxyPort } : {}) };
+    // The metadata cluster and the safekeepers (computes commit only once a quorum has their
+    // WAL; stopped last) side by side.
+    const first = await Promise.allSettled([startMetadataCluster(stateDir, env, o.log), startSafekeepers(stateDir, env, baseEnv, logDir, o, () => stopping)]);
+    if (first[0].status === 'fulfilled') meta = first[0].value;
+    if (first[1].status === 'fulfilled') sks = first[1].value;
+    for (const r of first) if (r.status === 'rejected') throw r.reason;
     const skList = env.XENON_SAFEKEEPERS ?? sks.map((k) => `${k.id}=${k.url}`).join(',');
     // The pageserver (it ingests the safekeepers' WAL; computes start from it) and the control
     // plane next, side by side: the control plane only needs the pageserver's address, chosen
@@ -248,14 +255,17 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
     let pageserverUrl = env.XENON_PAGESERVER_URL;
     const psPort = env.XENON_PAGESERVER_PORT === '0' ? String(await findFreePort(30000, 39999)) : (env.XENON_PAGESERVER_PORT ?? '9898');
     if (!pageserverUrl) pageserverUrl = `http://${env.XENON_PAGESERVER_HOST ?? '127.0.0.1'}:${psPort}`;
+    // The proxy alongside: until the control plane answers, its heartbeats fail (a warning) and
+    // no client can have connected yet (the stack is not announced before all three are ready).
     const starting = await Promise.allSettled([
       env.XENON_PAGESERVER_URL ? Promise.resolve(undefined) : spawnService('pageserver', 'pageserver/main.ts', { ...baseEnv, XENON_PAGESERVER_PORT: psPort, XENON_SAFEKEEPERS: skList }, logDir, o.echoLogs),
       spawnService('wake-compute', 'wake-compute/main.ts', {
         ...baseEnv,
-        DATABASE_URL: env.DATABASE_URL ?? meta.url,
+        DATABASE_URL: env.DATABASE_URL ?? meta!.url,
         XENON_PAGESERVER_URL: pageserverUrl,
         ...(env.XENON_SAFEKEEPERS === undefined ? { XENON_SAFEKEEPERS: skList } : {}),
       }, logDir, o.echoLogs),
+      spawnService('proxy', 'proxy/main.ts', { ...baseEnv, XENON_CONTROL_PLANE_URL: `http://${apiHost.includes(':') ? `[${apiHost}]` : apiHost}:${apiPort}` }, logDir, o.echoLogs),
     ]);
     for (const r of starting) if (r.status === 'fulfilled' && r.value) services.push(r.value);
     const failed = starting.find((r): r is PromiseRejectedResult => r.status === 'rejected');
@@ -264,8 +274,7 @@ async function startLocked(o: StackOptions, unlock: () => Promise<void>): Promis
     if (ps) pageserverUrl = String(ps.ready.url);
     const cp = (starting[1] as PromiseFulfilledResult<ServiceProcess>).value;
     const apiUrl = String(cp.ready.url);
-    const proxy = await spawnService('proxy', 'proxy/main.ts', { ...baseEnv, XENON_CONTROL_PLANE_URL: apiUrl }, logDir, o.echoLogs);
-    services.push(proxy);
+    const proxy = (starting[2] as PromiseFulfilledResult<ServiceProcess>).value;
     const died = Promise.race(services.map((s) => s.exited.then(() => s.name))).then(async (name) => {
       if (!stopping) await stop().catch(() => {});
       return name;
