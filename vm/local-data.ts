@@ -140,3 +140,46 @@ export class LocalData {
     await this.cache?.close();
   }
 }
+
+/**
+ * What the drivers that keep data on this host (process, qemu) answer alike, from their
+ * {@link LocalData}; each says which data keys its running computes use.
+ */
+export abstract class LocalDataDriver {
+  protected constructor(protected readonly data: LocalData) {}
+
+  /** Whether a running compute of this driver uses `dataKey`. */
+  protected abstract inUse(dataKey: string): boolean;
+
+  get cachesImages(): boolean {
+    return this.data.cachesImages;
+  }
+
+  imageCacheStats(): ImageCacheStats {
+    return this.data.imageCacheStats();
+  }
+
+  warmImage(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean> {
+    return this.data.warmImage(plan);
+  }
+
+  hasData(dataKey: string): Promise<boolean> {
+    return this.data.hasData(dataKey);
+  }
+
+  controlData(dataKey: string): Promise<ControlData | undefined> {
+    return this.data.controlData(dataKey);
+  }
+
+  prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
+    return this.data.prepare(dataKey, admin);
+  }
+
+  exportImage(dataKey: string): Promise<Readable> {
+    return this.data.exportImage(dataKey, this.inUse(dataKey));
+  }
+
+  destroyData(dataKey: string): Promise<void> {
+    return this.data.destroyData(dataKey, this.inUse(dataKey));
+  }
+}

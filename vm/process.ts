@@ -3,14 +3,13 @@
  * port, its data directory under the data root, frozen with the cgroup freezer when suspended.
  */
 import { createHash } from 'node:crypto';
-import type { Readable } from 'node:stream';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { findFreePort, PostgresProcess, stopStalePostmaster, writeManagedHba, type RunAs } from '../lib/postgres.ts';
-import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ComputeUsage, ControlData, StartPlan } from './api.ts';
-import { LocalData, replayAllowanceMs, type ImageCacheStats } from './local-data.ts';
+import type { ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ComputeUsage } from './api.ts';
+import { LocalData, LocalDataDriver, replayAllowanceMs } from './local-data.ts';
 import type { MaterialiseResult } from './materialise.ts';
 import { restoreWal } from './wal-restore.ts';
 import { childPids, createFreezer, type Freezer } from './freezer.ts';
@@ -46,7 +45,7 @@ interface Running {
   stopping: boolean;
 }
 
-export class ProcessDriver implements ComputeDriver {
+export class ProcessDriver extends LocalDataDriver implements ComputeDriver {
   readonly kind = 'process';
   private readonly running = new Map<string, Running>();
   private readonly exitListeners: ((e: ComputeExit) => void)[] = [];
@@ -55,9 +54,11 @@ export class ProcessDriver implements ComputeDriver {
   private constructor(
     private readonly opts: ProcessDriverOptions,
     private readonly freezer: Freezer,
-    private readonly data: LocalData,
+    data: LocalData,
     private readonly limits: CgroupLimits,
-  ) {}
+  ) {
+    super(data);
+  }
 
   static async create(opts: ProcessDriverOptions): Promise<ProcessDriver> {
     const data = await LocalData.open({ dataRoot: opts.dataRoot, runAs: opts.runAs, pgBin: opts.pgBin, imageCache: opts.imageCache ?? false, logger: opts.logger });
@@ -69,32 +70,8 @@ export class ProcessDriver implements ComputeDriver {
     return new ProcessDriver(opts, freezer, data, limits);
   }
 
-  get cachesImages(): boolean {
-    return this.data.cachesImages;
-  }
-
-  imageCacheStats(): ImageCacheStats {
-    return this.data.imageCacheStats();
-  }
-
-  warmImage(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean> {
-    return this.data.warmImage(plan);
-  }
-
   get freezerKind(): Freezer['kind'] {
     return this.freezer.kind;
-  }
-
-  hasData(dataKey: string): Promise<boolean> {
-    return this.data.hasData(dataKey);
-  }
-
-  controlData(dataKey: string): Promise<ControlData | undefined> {
-    return this.data.controlData(dataKey);
-  }
-
-  prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
-    return this.data.prepare(dataKey, admin);
   }
 
   async start(spec: ComputeSpec): Promise<ComputeAddress> {
@@ -267,16 +244,8 @@ export class ProcessDriver implements ComputeDriver {
     await stopStalePostmaster(this.data.dataDir(dataKey));
   }
 
-  private inUse(dataKey: string): boolean {
+  protected inUse(dataKey: string): boolean {
     return [...this.running.values()].some((r) => r.dataKey === dataKey);
-  }
-
-  exportImage(dataKey: string): Promise<Readable> {
-    return this.data.exportImage(dataKey, this.inUse(dataKey));
-  }
-
-  destroyData(dataKey: string): Promise<void> {
-    return this.data.destroyData(dataKey, this.inUse(dataKey));
   }
 
   async close(): Promise<void> {

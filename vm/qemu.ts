@@ -21,14 +21,13 @@ import { constants, existsSync, readFileSync } from 'node:fs';
 import { access, lstat, mkdir, mkdtemp, readdir, readFile, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { XenonError } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 import { delay, findFreePort, runCommand, writeManagedHba, type RunAs } from '../lib/postgres.ts';
-import type { AdminCredentials, ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ComputeUsage, ControlData, StartPlan } from './api.ts';
+import type { ComputeAddress, ComputeDriver, ComputeExit, ComputeResources, ComputeSize, ComputeSpec, ComputeStatus, ComputeUsage, StartPlan } from './api.ts';
 import { CgroupLimits } from './limits.ts';
-import { LocalData, replayAllowanceMs, type ImageCacheStats } from './local-data.ts';
+import { LocalData, LocalDataDriver, replayAllowanceMs } from './local-data.ts';
 import { preferPrefetched, shellArg, type MaterialiseResult } from './materialise.ts';
 import { LineChannel, Qmp } from './qmp.ts';
 import type { VmImage } from './qemu-image.ts';
@@ -140,7 +139,7 @@ export async function assertNoGuestLinks(keyDir: string): Promise<void> {
 const roundSlots = (mib: number): number => Math.max(MEMORY_SLOT_MIB, Math.ceil(mib / MEMORY_SLOT_MIB) * MEMORY_SLOT_MIB);
 const vcpus = (cpu: number): number => Math.max(1, Math.ceil(cpu));
 
-export class QemuDriver implements ComputeDriver {
+export class QemuDriver extends LocalDataDriver implements ComputeDriver {
   readonly kind = 'qemu';
   private readonly vms = new Map<string, Vm>();
   private readonly exitListeners: ((e: ComputeExit) => void)[] = [];
@@ -151,11 +150,13 @@ export class QemuDriver implements ComputeDriver {
 
   private constructor(
     private readonly opts: QemuDriverOptions,
-    private readonly data: LocalData,
+    data: LocalData,
     readonly accel: Accel,
     private readonly sockDir: string,
     private readonly limits: CgroupLimits,
-  ) {}
+  ) {
+    super(data);
+  }
 
   static async create(opts: QemuDriverOptions): Promise<QemuDriver> {
     const data = await LocalData.open({ dataRoot: opts.dataRoot, runAs: opts.runAs, pgBin: opts.pgBin, imageCache: opts.imageCache ?? false, logger: opts.logger });
@@ -177,30 +178,6 @@ export class QemuDriver implements ComputeDriver {
     await driver.reclaimPool();
     void driver.fillPool();
     return driver;
-  }
-
-  get cachesImages(): boolean {
-    return this.data.cachesImages;
-  }
-
-  imageCacheStats(): ImageCacheStats {
-    return this.data.imageCacheStats();
-  }
-
-  warmImage(plan: Pick<StartPlan, 'image' | 'wal'>): Promise<boolean> {
-    return this.data.warmImage(plan);
-  }
-
-  hasData(dataKey: string): Promise<boolean> {
-    return this.data.hasData(dataKey);
-  }
-
-  controlData(dataKey: string): Promise<ControlData | undefined> {
-    return this.data.controlData(dataKey);
-  }
-
-  prepare(dataKey: string, admin: AdminCredentials): Promise<{ created: boolean }> {
-    return this.data.prepare(dataKey, admin);
   }
 
   private defaultSize(): ComputeSize {
@@ -710,16 +687,8 @@ export class QemuDriver implements ComputeDriver {
     return join(this.opts.dataRoot, 'vms', `${dataKey}.pid`);
   }
 
-  private inUse(dataKey: string): boolean {
+  protected inUse(dataKey: string): boolean {
     return [...this.vms.values()].some((v) => v.dataKey === dataKey);
-  }
-
-  exportImage(dataKey: string): Promise<Readable> {
-    return this.data.exportImage(dataKey, this.inUse(dataKey));
-  }
-
-  destroyData(dataKey: string): Promise<void> {
-    return this.data.destroyData(dataKey, this.inUse(dataKey));
   }
 
   async close(): Promise<void> {
