@@ -652,33 +652,35 @@ export class QemuDriver extends LocalDataDriver implements ComputeDriver {
   async reclaim(dataKey: string): Promise<void> {
     if (this.inUse(dataKey)) return;
     const keyDir = this.data.keyDir(dataKey);
-    const pidFile = this.pidFile(dataKey);
-    const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
-    if (!pid) return;
-    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes('xenon-compute-') && (cmdline.includes(`path=${keyDir},`) || cmdline.includes(join(this.opts.dataRoot, 'vm-slots')))) {
-      this.opts.logger.warn('stopping a compute VM a previous control plane left running', { dataKey, pid });
-      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
-      for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await delay(50);
-    }
-    await rm(pidFile, { force: true });
+    const pid = await this.killLeftover(this.pidFile(dataKey), (cmd) => cmd.includes('xenon-compute-') && (cmd.includes(`path=${keyDir},`) || cmd.includes(join(this.opts.dataRoot, 'vm-slots'))));
+    if (pid) this.opts.logger.warn('stopped a compute VM a previous control plane left running', { dataKey, pid });
   }
 
   /** Warm VMs and slots a crashed predecessor left: their QEMUs stopped, the slots released. */
   async reclaimPool(): Promise<void> {
     const vmsDir = join(this.opts.dataRoot, 'vms');
     for (const f of await readdir(vmsDir).catch(() => [] as string[])) {
-      if (!/^pool-\d+\.pid$/.test(f)) continue;
-      const pid = Number((await readFile(join(vmsDir, f), 'utf8').catch(() => '')).trim());
-      const cmdline = pid ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
-      if (cmdline.includes('xenon-compute-pool-') && cmdline.includes(join(this.opts.dataRoot, 'vm-slots'))) {
-        try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
-        for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await delay(50);
-      }
-      await rm(join(vmsDir, f), { force: true });
+      if (/^pool-\d+\.pid$/.test(f)) await this.killLeftover(join(vmsDir, f), (cmd) => cmd.includes('xenon-compute-pool-') && cmd.includes(join(this.opts.dataRoot, 'vm-slots')));
     }
     const slots = join(this.opts.dataRoot, 'vm-slots');
     for (const name of await readdir(slots).catch(() => [] as string[])) await this.releaseSlot(join(slots, name));
+  }
+
+  /**
+   * Kills the QEMU `pidFile` names when its command line passes `isOurs` (a reused pid is left
+   * alone), waits for it to go, and removes the pid file; the pid killed, if any.
+   */
+  private async killLeftover(pidFile: string, isOurs: (cmdline: string) => boolean): Promise<number | undefined> {
+    const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
+    const cmdline = pid ? await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '') : '';
+    let killed: number | undefined;
+    if (cmdline && isOurs(cmdline)) {
+      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+      for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await delay(50);
+      killed = pid;
+    }
+    await rm(pidFile, { force: true });
+    return killed;
   }
 
   /** QEMU's pid file: outside the share (the guest must not write what the host acts on). */

@@ -95,7 +95,10 @@ export class Autoscaler {
     if (this.running) return;
     this.running = true;
     try {
-      for (const c of this.o.manager.activeComputes()) {
+      const active = this.o.manager.activeComputes();
+      // Samples of computes no longer active: a new start begins from a new baseline.
+      for (const id of this.last.keys()) if (!active.some((c) => c.id === id)) this.last.delete(id);
+      for (const c of active) {
         const row = await this.o.store.findEndpoint(c.id).catch(() => undefined);
         if (!row || row.min_cu === null || row.max_cu === null) continue;
         await this.step(row, c.cu).catch((err: Error) => this.o.logger.warn('autoscaling step failed', { endpoint: c.id, err: err.message }));
