@@ -115,6 +115,7 @@ export function loadProxyConfig(env: Env = process.env, argv: readonly string[] 
       orphanDrainMs: c.int('XENON_POOLER_ORPHAN_DRAIN_MS', 5_000, { min: 10 }),
       computeConnectTimeoutMs: c.int('XENON_PROXY_COMPUTE_CONNECT_TIMEOUT_MS', 5_000, { min: 10 }),
       computeConnectAttempts: c.int('XENON_PROXY_COMPUTE_CONNECT_ATTEMPTS', 4, { min: 1, max: 20 }),
+      pipelineDepth: c.int('XENON_POOLER_PIPELINE_DEPTH', 4, { min: 1, max: 64 }),
     }),
     proxyId: c.string('XENON_PROXY_ID', `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`),
     mockSecretKey: mock ? Buffer.from(mock, 'utf8') : randomBytes(32),

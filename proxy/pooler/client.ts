@@ -67,6 +67,24 @@ function matches(re: RegExp, sql: string): boolean {
   return re.test(sql.replace(COMMENT_RE, ' '));
 }
 
+/**
+ * Queries that may be batched (written to a busy server connection behind another client's, see
+ * docs/pooler.md): one SELECT, no comments, no second statement (no `;` but a final one), nothing
+ * that changes the session or the transaction state, takes row locks or sleeps. None of these can
+ * leave a transaction open: after each the session is idle again, as it was before.
+ */
+const PIPE_RE = /^\s*select\s[^;]*;?\s*$/i;
+const PIPE_NOT_RE = /--|\/\*|\bfor\s+(?:update|share|no\s+key|key\s+share)\b|\binto\b|pg_sleep|pg_advisory|dblink/i;
+/** Longest query text considered for batching. */
+const PIPE_MAX_BYTES = 4096;
+
+/** `f` (a Query message) may be batched behind other clients' queries. */
+export function pipelinable(f: Buffer): boolean {
+  if (f[0] !== FRONTEND.QUERY || f.length > PIPE_MAX_BYTES) return false;
+  const sql = f.toString('latin1', 5, f.length - 1);
+  return PIPE_RE.test(sql) && !PIPE_NOT_RE.test(sql) && !SESSION_RE.test(sql);
+}
+
 const DEALLOCATE_RE = /^\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([a-z_][a-z0-9_$]*))\s*;?\s*$/i;
 
 export interface PooledClientOptions {
@@ -89,6 +107,8 @@ export class PooledClient {
   /** Bytes of `rest` of its statements (bounded by MAX_CLIENT_STATEMENT_BYTES). */
   stmtBytes = 0;
   server: ServerConn | null = null;
+  /** Its query waits on this server connection behind other clients' (a batch); it gets the connection when its answer is due. */
+  following: ServerConn | null = null;
   /** Extended-protocol messages sent since the last Sync: the server stays linked until it. */
   inBatch = false;
   /** Waiting in the pool's queue since `waitStart` (ms). */
@@ -145,6 +165,13 @@ export class PooledClient {
         this.held = null;
         if (!f) f = this.reader.readFrame();
         if (!f) break;
+        // In a batch: what it sends next waits until its query is answered (nothing may follow the
+        // batch's queries on the wire but more of them).
+        if (this.following || (this.server && this.server.followers.length)) {
+          this.held = f;
+          if (this.reader.buffered > PAUSE_WAITING_AT) this.socket.pause();
+          break;
+        }
         const type = f[0]!;
         if (!isRoutable(type)) throw new PgWireError('PROXY_PROTOCOL_VIOLATION', `invalid frontend message type ${type}`);
         if (!this.server) {
@@ -203,6 +230,25 @@ export class PooledClient {
     // What it waited with may have been answered here meanwhile (a Parse the pool came to know).
     if (this.server === s) s.releaseIfIdle();
     this.resumeReading();
+  }
+
+  /** Its answers in a batch are complete or it became the batch's head: it goes on with what it held back. */
+  batchMoved(): void {
+    if (this.closed) return;
+    this.pump();
+    if (!this.closed) this.resumeReading();
+  }
+
+  /** The message it waits with, if it may join a batch (see {@link pipelinable}); taken when it does. */
+  pipelinableHeld(): Buffer | null {
+    const f = this.held;
+    return f && !this.inBatch && !this.localSkipping && pipelinable(f) ? f : null;
+  }
+
+  /** Joins a batch: its held query is written by the server connection. */
+  takeHeld(): void {
+    this.held = null;
+    this.waiting = false;
   }
 
   /** A cancel request while waiting: the request it waits with fails with 57014; what follows runs. */
@@ -382,6 +428,7 @@ export class PooledClient {
   private attach(s: ServerConn): void {
     this.server = s;
     s.client = this;
+    s.tailIdle = !s.dirty;
     if (s.sig !== this.sig) this.applyParams(s);
   }
 
@@ -413,6 +460,7 @@ export class PooledClient {
   private route(f: Buffer): void {
     const s = this.server!;
     const t = f[0]!;
+    if (s.tailIdle && !pipelinable(f)) s.tailIdle = false;
     if (s.skipping && t !== FRONTEND.SYNC && t !== FRONTEND.TERMINATE) {
       // After an error the server ignores everything up to Sync: nothing will be answered.
       s.send(f);
@@ -657,7 +705,9 @@ export class PooledClient {
     }
     const s = this.server;
     this.server = null;
-    if (s) s.orphaned(this.inBatch, this.opts.orphanDrainMs);
+    // Its query heads a batch: the others' answers follow it, its own are dropped (no transaction to end).
+    if (s && s.followers.length) s.ownerGone();
+    else if (s) s.orphaned(this.inBatch, this.opts.orphanDrainMs);
     if (!this.socket.destroyed && !this.socket.writableEnded) this.socket.end();
     this.opts.onClose(this);
   }

@@ -56,6 +56,9 @@ export interface PoolStats {
   injected_prepares: number;
   local_prepares: number;
   resets: number;
+  pipelined: number;
+  pipeline_retries: number;
+  pipeline_pauses: number;
 }
 
 /** Parameters reported with ParameterStatus that a client may set at startup. */
@@ -232,7 +235,7 @@ export class Pooler {
     for (const p of this.pools.values()) {
       const c: PoolCounters = p.counters;
       let active = 0;
-      for (const cl of p.clients) if (cl.server) active++;
+      for (const cl of p.clients) if (cl.server || cl.following) active++;
       pools.push({
         endpoint: p.endpoint,
         database: p.database,
@@ -248,6 +251,9 @@ export class Pooler {
         injected_prepares: c.injectedParses,
         local_prepares: c.localParses,
         resets: c.resets,
+        pipelined: c.pipelined,
+        pipeline_retries: c.pipelineRetries,
+        pipeline_pauses: c.pipelinePauses,
       });
     }
     return { clients: this.clientCount, max_client_conn: this.settings.maxClientConn, pools };
@@ -315,6 +321,9 @@ export class Pooler {
     counter('xenon_proxy_pooler_prepares_total', 'Parse messages of named statements sent to computes', (s) => s.prepares);
     counter('xenon_proxy_pooler_injected_prepares_total', 'Statements prepared by the pooler on a server connection that lacked them', (s) => s.injected_prepares);
     counter('xenon_proxy_pooler_resets_total', 'Server connections reset (DISCARD ALL) after a session feature was used', (s) => s.resets);
+    counter('xenon_proxy_pooler_pipelined_total', 'Autocommit queries written behind another client\'s on a busy server connection (batches)', (s) => s.pipelined);
+    counter('xenon_proxy_pooler_pipeline_retries_total', 'Batched queries sent again after a cancel meant for another query hit them', (s) => s.pipeline_retries);
+    counter('xenon_proxy_pooler_pipeline_pauses_total', 'Times batching paused because a batched query held others up', (s) => s.pipeline_pauses);
   }
 
   close(): void {

@@ -33,6 +33,11 @@ export interface PoolerSettings {
   orphanDrainMs: number;
   computeConnectTimeoutMs: number;
   computeConnectAttempts: number;
+  /**
+   * Most queries on one server connection at a time when clients queue: the waiting clients'
+   * pipelinable autocommit queries are written behind the one that got it (1 = never).
+   */
+  pipelineDepth: number;
 }
 
 export interface PoolDeps {
@@ -55,6 +60,12 @@ export interface PoolCounters {
   /** Named Parse messages answered without a server connection (statement known to the pool). */
   localParses: number;
   resets: number;
+  /** Queries written behind another client's on a busy server connection. */
+  pipelined: number;
+  /** Batched queries sent again because a cancel meant for another query hit them. */
+  pipelineRetries: number;
+  /** Times batching paused because a batched query held others up. */
+  pipelinePauses: number;
 }
 
 export class Pool {
@@ -79,7 +90,10 @@ export class Pool {
    * synchronously while others hold the pool's connections (pgbench -M prepared) from deadlocking.
    */
   readonly known = new LRUCache<string, true>({ max: 10_000 });
-  readonly counters: PoolCounters = { transactions: 0, waits: 0, waitMsTotal: 0, waitMsMax: 0, waitTimeouts: 0, serversOpened: 0, serversClosed: 0, parses: 0, injectedParses: 0, localParses: 0, resets: 0 };
+  readonly counters: PoolCounters = { transactions: 0, waits: 0, waitMsTotal: 0, waitMsMax: 0, waitTimeouts: 0, serversOpened: 0, serversClosed: 0, parses: 0, injectedParses: 0, localParses: 0, resets: 0, pipelined: 0, pipelineRetries: 0, pipelinePauses: 0 };
+  /** No batches before this time (performance.now()): a batched query was slow. */
+  private pipelineHoldUntil = -Infinity;
+  private pipelineStreak = 0;
 
   constructor(
     readonly endpoint: string,
@@ -155,6 +169,36 @@ export class Pool {
     }
   }
 
+  private waited(c: PooledClient): void {
+    const waited = performance.now() - c.waitStart;
+    this.counters.waitMsTotal += waited;
+    if (waited > this.counters.waitMsMax) this.counters.waitMsMax = waited;
+    this.deps.metrics.poolerWaitSeconds.observe(waited / 1000);
+  }
+
+  /** The first client in the queue, left in it. */
+  private peekWaiter(): PooledClient | undefined {
+    for (let i = this.wHead; i < this.waiters.length; i++) {
+      const c = this.waiters[i];
+      if (c) return c;
+    }
+    return undefined;
+  }
+
+  /**
+   * A batched query held the ones behind it up: batches pause for a second, twice as long each
+   * time it happens again within ten seconds of the last pause's end (at most a minute).
+   */
+  pipelineSlow(): void {
+    const now = performance.now();
+    if (now < this.pipelineHoldUntil) return;
+    this.pipelineStreak = now - this.pipelineHoldUntil < 10_000 ? Math.min(this.pipelineStreak + 1, 6) : 0;
+    const ms = 1_000 * 2 ** this.pipelineStreak;
+    this.pipelineHoldUntil = now + ms;
+    this.counters.pipelinePauses++;
+    this.deps.logger.info('pooler: a batched query held up the ones behind it; batching pauses', { endpoint: this.endpoint, ms });
+  }
+
   private nextWaiter(): PooledClient | undefined {
     while (this.wHead < this.waiters.length) {
       const c = this.waiters[this.wHead]!;
@@ -221,12 +265,28 @@ export class Pool {
     s.resume();
     const c = this.nextWaiter();
     if (c) {
-      const waited = performance.now() - c.waitStart;
-      this.counters.waitMsTotal += waited;
-      if (waited > this.counters.waitMsMax) this.counters.waitMsMax = waited;
-      this.deps.metrics.poolerWaitSeconds.observe(waited / 1000);
+      this.waited(c);
       s.lastUsed = Date.now();
+      const depth = this.deps.settings.pipelineDepth;
+      if (depth < 2 || this.waitCount === 0 || performance.now() < this.pipelineHoldUntil) {
+        c.granted(s);
+        return;
+      }
+      // The clients queued next whose queries may be batched go behind it, in one write.
+      s.corked = true;
       c.granted(s);
+      while (s.client === c && this.waitCount > 0) {
+        const w = this.peekWaiter();
+        const q = w?.pipelinableHeld();
+        if (!w || !q || !s.canTakeFollower(w, depth)) break;
+        this.nextWaiter();
+        this.waited(w);
+        w.takeHeld();
+        s.addFollower(w, q);
+        this.counters.pipelined++;
+      }
+      s.corked = false;
+      s.flush();
       return;
     }
     s.lastUsed = Date.now();
@@ -328,6 +388,11 @@ export class Pool {
       this.forgetWaiter(c);
       c.waiting = false;
       c.cancelWait();
+      return Promise.resolve(true);
+    }
+    if (c.following) {
+      // Queued behind other clients' queries on the wire: cancelled once it is the one running.
+      c.following.cancelWhenHead(c);
       return Promise.resolve(true);
     }
     const s = c.server;

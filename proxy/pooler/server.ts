@@ -104,7 +104,36 @@ export interface Undo {
   saved?: Map<string, Statement>;
 }
 
+/**
+ * A client whose single autocommit query was written behind another client's on this connection
+ * (see {@link ServerConn.addFollower}).
+ */
+interface Follower {
+  client: PooledClient;
+  /** Position of its query's expectation in the queue (counted over the connection's life). */
+  seq: number;
+  /** The Query message, kept to send it again after a cancel meant for another query hit it. */
+  query: Buffer;
+  /** A cancel for another client's query was sent while this query was on the wire. */
+  atRisk: boolean;
+}
+
 let nextServerId = 1;
+
+/**
+ * A query in a batch that held others up longer than this pauses batching on its pool (measured
+ * from one answer's end to the next: the compute's time for the query, plus the proxy's own delay
+ * when it is loaded).
+ */
+const PIPELINE_SLOW_MS = 200;
+
+function errorCode(body: Buffer): string | undefined {
+  try {
+    return parseErrorFields(body).C;
+  } catch {
+    return undefined;
+  }
+}
 
 function errorMessage(body: Buffer): string {
   try {
@@ -148,6 +177,30 @@ export class ServerConn {
   lastUsed = Date.now();
   /** Transactions served. */
   uses = 0;
+  /**
+   * Everything written so far leaves the session idle with no session state: the current client
+   * sent nothing but pipelinable autocommit queries since it got the connection. Only then may
+   * other clients' queries be written behind (a batch).
+   */
+  tailIdle = false;
+  /** Clients whose queries wait on the wire behind the current client's, in order. */
+  readonly followers: Follower[] = [];
+  /** The current client's query is exposed to a cancel meant for another query of the batch. */
+  headAtRisk = false;
+  /** The head query failed with 57014 because of a cancel meant for another: sent again at its ReadyForQuery. */
+  private retryHead = false;
+  /** Followers that asked to cancel their query: sent when it is the one running. */
+  private readonly cancelAtHead = new Set<PooledClient>();
+  /** The current client's query when it came as a follower (to send again, see {@link headAtRisk}). */
+  private headQuery: Buffer | null = null;
+  /** While set, {@link flush} writes nothing (the pool gathers a batch into one write). */
+  corked = false;
+  /** Clients handed on during a read (their own answers done): flushed and resumed after it. */
+  private moved: PooledClient[] = [];
+  /** Absolute position of the queue head (pops over the connection's life). */
+  private seqHead = 0;
+  /** When the query now at the head started (for the pool's pipelinable-query duration average). */
+  private headSince = 0;
   /** Messages for the compute, written as one buffer by {@link flush}. */
   private out: Buffer[] = [];
   private outBytes = 0;
@@ -221,7 +274,7 @@ export class ServerConn {
   /** Writes what was queued for the compute. Returns false when the socket is full (backpressure). */
   flush(): boolean {
     const n = this.out.length;
-    if (n === 0) return true;
+    if (n === 0 || this.corked) return true;
     const buf = n === 1 ? this.out[0]! : Buffer.concat(this.out, this.outBytes);
     this.out.length = 0;
     this.outBytes = 0;
@@ -263,6 +316,88 @@ export class ServerConn {
   /** A cancel request for this connection's current query is on its way. */
   cancelStarted(): void {
     this.cancels++;
+    // It may land on a later query of the batch: those are sent again if it does (their implicit transaction rolled back).
+    for (const f of this.followers) f.atRisk = true;
+    this.headAtRisk = false;
+  }
+
+  // ---- batches: other clients' autocommit queries written behind the current one
+
+  /**
+   * May `c`'s pipelinable query be written behind what this connection runs now? Only when all of
+   * it leaves the session idle and clean (see {@link tailIdle}), `c` expects the same startup
+   * parameters, and nothing special is going on (a cancel, a drain, COPY, an error skip).
+   */
+  canTakeFollower(c: PooledClient, depth: number): boolean {
+    const o = this.client;
+    return (
+      this.tailIdle && o !== null && !o.inBatch && !o.closed && this.followers.length + 1 < depth && c.sig === this.sig &&
+      !this.dirty && !this.doomed && !this.dead && !this.orphan && this.cancels === 0 && !this.skipping && !this.copyIn && !this.copyOpen
+    );
+  }
+
+  /** Writes `c`'s query behind the others; `c` gets the connection when its answer is due. */
+  addFollower(c: PooledClient, q: Buffer): void {
+    if (this.followers.length === 0) this.headSince = performance.now();
+    this.send(q);
+    this.expect(K.QUERY);
+    this.followers.push({ client: c, seq: this.seqHead + this.pending - 1, query: q, atRisk: false });
+    c.following = this;
+  }
+
+  /** `c` (a follower) asked to cancel its query: done when its query is the one running. */
+  cancelWhenHead(c: PooledClient): void {
+    this.cancelAtHead.add(c);
+  }
+
+  /** The current client left with followers behind it: its answers are dropped, the batch goes on. */
+  ownerGone(): void {
+    this.flushRun();
+  }
+
+  /** The head's query finished (ReadyForQuery): the next follower's answers come next. */
+  private handOn(): void {
+    const now = performance.now();
+    // A slow query held others up: no more batches on this pool for a while.
+    if (now - this.headSince > PIPELINE_SLOW_MS) this.pool.pipelineSlow();
+    this.headSince = now;
+    if (this.status !== 0x49) {
+      // A pipelinable query cannot open a transaction; if one did, the queries behind ran in it.
+      this.pool.logger.error('pooler: a batched query left a transaction open; closing the server connection', { server: this.id });
+      this.destroy('batched query left a transaction open');
+      return;
+    }
+    this.flushRun();
+    const old = this.client;
+    const next = this.followers.shift()!;
+    this.client = next.client;
+    this.headQuery = next.query;
+    this.headAtRisk = next.atRisk;
+    next.client.following = null;
+    if (!next.client.closed) next.client.server = this;
+    if (old) {
+      old.detachServer();
+      // Sent again after a cancel hit it: it follows once more.
+      if (this.followers.some((f) => f.client === old)) old.following = this;
+      this.moved.push(old);
+    }
+    this.moved.push(next.client);
+    this.uses++;
+    this.pool.counters.transactions++;
+    if (this.cancelAtHead.size && this.cancelAtHead.delete(next.client)) void this.pool.cancel(next.client);
+  }
+
+  /** The head's query was cancelled by a cancel meant for another query: it runs again, at the end. */
+  private requeueHead(): void {
+    const c = this.client;
+    const q = this.headQuery;
+    if (!c || !q) return;
+    this.pool.counters.pipelineRetries++;
+    this.send(q);
+    this.expect(K.QUERY);
+    if (this.followers.length) this.followers.push({ client: c, seq: this.seqHead + this.pending - 1, query: q, atRisk: this.cancels > 0 });
+    else this.headAtRisk = this.cancels > 0;
+    this.flush();
   }
 
   /** That cancel request was delivered (or failed): the connection may now go to another client. */
@@ -294,6 +429,13 @@ export class ServerConn {
     // A transaction that ended frees this connection first: the next waiting client's query goes
     // to the compute before this client's answer goes out, so the compute does not sit idle.
     if (this.pending === 0) this.idleCheck();
+    if (this.moved.length) {
+      // Clients of a batch whose answers are complete get them, and go on with what they held back.
+      for (const m of this.moved.splice(0)) {
+        if (m !== c) m.flushOut();
+        m.batchMoved();
+      }
+    }
     if (c && !c.flushOut() && this.client === c) this.pause();
   }
 
@@ -339,7 +481,11 @@ export class ServerConn {
       }
       this.pop();
       if (kind === K.QUERY_SKIP) x?.done?.(x.failed);
-      else this.forward(buf, start, end);
+      else if (this.retryHead) {
+        this.retryHead = false;
+        this.requeueHead();
+      } else this.forward(buf, start, end);
+      if (this.followers.length && this.followers[0]!.seq === this.seqHead) this.handOn();
       this.drainFakes();
       return;
     }
@@ -350,6 +496,11 @@ export class ServerConn {
         // Simple query (or a Sync's commit): the error is part of the answer; ReadyForQuery follows.
         if (kind === K.QUERY_SKIP) {
           if (x && x.failed === undefined) x.failed = errorMessage(buf.subarray(start + 5, end));
+          return;
+        }
+        // A cancel meant for another query of the batch landed on this one: it runs again.
+        if (kind === K.QUERY && this.headAtRisk && errorCode(buf.subarray(start + 5, end)) === '57014') {
+          this.retryHead = true;
           return;
         }
         // A DEALLOCATE that failed (aborted transaction): the statements stay, as in Postgres.
@@ -432,6 +583,7 @@ export class ServerConn {
   private pop(): void {
     this.qx[this.qHead] = undefined;
     this.qHead++;
+    this.seqHead++;
     if (this.qHead === this.qk.length) {
       this.qk.length = 0;
       this.qx.length = 0;
@@ -511,7 +663,7 @@ export class ServerConn {
   // ---- output to the client
 
   private forward(buf: Buffer, start: number, end: number): void {
-    if (!this.client) return;
+    if (!this.client || this.client.closed) return;
     if (this.runBuf === buf && this.runEnd === start) {
       this.runEnd = end;
       return;
@@ -561,13 +713,13 @@ export class ServerConn {
     if (!b) return;
     this.runBuf = null;
     const c = this.client;
-    if (!c) return;
+    if (!c || c.closed) return;
     if (b === this.reused) c.queueOut(Buffer.from(b.subarray(this.runStart, this.runEnd)));
     else c.queueOut(this.runStart === 0 && this.runEnd === b.length ? b : b.subarray(this.runStart, this.runEnd));
   }
 
   private emit(msg: Buffer): void {
-    if (!this.client) return;
+    if (!this.client || this.client.closed) return;
     this.flushRun();
     this.client.queueOut(msg);
   }
@@ -671,6 +823,10 @@ export class ServerConn {
     this.client = null;
     // Busy: a request outstanding, a transaction open, or an extended batch not yet synced (its Parse may have been answered).
     if (c) c.serverLost(this.pending > 0 || this.status !== 0x49 || c.inBatch);
+    for (const f of this.followers.splice(0)) {
+      f.client.following = null;
+      f.client.serverLost(true);
+    }
     this.pool.removed(this, reason);
   }
 

@@ -114,6 +114,10 @@ async function main(): Promise<void> {
       spread(pick(r, (x) => x.pgCpuPerTx / 1000), 3), spread(pick(r, (x) => x.pgbenchCpuPerTx / 1000), 3));
   }
   out.push('', `Xenon / PgBouncer churn TPS: ${fmt(tps(churnRows[2]!) / tps(churnRows[1]!), 3)} (goal ≥ 1.0) · Xenon / direct: ${fmt(tps(churnRows[2]!) / tps(churnRows[0]!), 3)} · PgBouncer / direct: ${fmt(tps(churnRows[1]!) / tps(churnRows[0]!), 3)}`, '');
+  // What the pooler did over the whole run (warm-up included): batches, their pauses and retries.
+  const pools = ((await (await fetch(`${stack.info.metrics_url.replace(/\/metrics$/, '')}/pooler`)).json()) as { pools: { pipelined: number; transactions: number; pipeline_pauses: number; pipeline_retries: number }[] }).pools;
+  const sum = (f: (p: (typeof pools)[number]) => number): number => pools.reduce((a, p) => a + f(p), 0);
+  out.push(`Xenon pooler over the run: ${sum((p) => p.transactions)} transactions, ${sum((p) => p.pipelined)} of them batched behind another client's (XENON_POOLER_PIPELINE_DEPTH ${process.env.XENON_POOLER_PIPELINE_DEPTH ?? 'default 4'}), ${sum((p) => p.pipeline_pauses)} batching pauses, ${sum((p) => p.pipeline_retries)} retries.`, '');
   out.push(`CPU of the proxy / PgBouncer measured with ${HAS_SCHEDSTAT ? '/proc/<pid>/task/*/schedstat (ns)' : '/proc/<pid>/stat utime+stime (10 ms ticks)'}; Postgres: the compute's postmaster and all its processes, reaped ones included (/proc/<pid>/stat, 10 ms ticks); pgbench: this process's reaped children.`);
   process.stdout.write(out.join('\n') + '\n');
 }

@@ -3,8 +3,11 @@
  * real Postgres, a raw TLS wire session (startup + SCRAM through pg's implementation, then bytes
  * as the test writes them), and frontend message builders / backend message readers.
  */
-import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import { connect as tlsConnect, createSecureContext, type TLSSocket } from 'node:tls';
 import pg from 'pg';
+import { createLogger } from '../../lib/logger.ts';
+import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
+import type { Pool } from '../../proxy/pooler/pool.ts';
 import type { ComputeInfo, ControlPlaneApi, EndpointAccess } from '../../wake-compute/api.ts';
 import { pgSasl } from './pg-sasl.ts';
 import { startTestPostgres, type TestPostgres } from './postgres.ts';
@@ -131,6 +134,78 @@ export async function rawPoolerSession(o: { port: number; ca: string; servername
       return closed;
     },
   };
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `cond` every 10 ms; false when it did not hold within `ms`. */
+export async function until(cond: () => boolean, ms = 10_000): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) return false;
+    await sleep(10);
+  }
+  return true;
+}
+
+export type PoolerHarness = Awaited<ReturnType<typeof startPoolerProxy>>;
+
+/**
+ * A real proxy whose endpoint `endpoint` (and `<endpoint>-pooler`) wakes to `o.db`, with a pool of
+ * `poolSize` server connections; closed (with every client opened through it) when `t` ends.
+ */
+export async function startPoolerProxy(
+  t: { teardown(fn: () => unknown): void },
+  o: { db: TestPostgres; secret: string; ca: string; cert: { certPem: string; keyPem: string }; endpoint: string },
+  env: Record<string, string> = {},
+  poolSize = 1,
+) {
+  const cp = new PoolerControlPlane({ endpoint_id: o.endpoint, project_id: 'p', branch_id: 'b', role_secret: o.secret, allowed_ips: [], connection_rate_limit: null, pool_size: poolSize }, o.db.port);
+  const config = loadProxyConfig({
+    XENON_PROXY_PORT: '0',
+    XENON_PROXY_METRICS_PORT: '0',
+    XENON_PROXY_HTTP_PORT: '0',
+    XENON_PROXY_REPORT_INTERVAL_MS: '60000',
+    XENON_POOLER_QUERY_WAIT_TIMEOUT_MS: '5000',
+    XENON_POOLER_ORPHAN_DRAIN_MS: '1000',
+    XENON_PROXY_CONNECT_RATE_BURST: '5000',
+    ...env,
+  }, []);
+  const proxy = await startProxy(config, {
+    logger: createLogger({ level: 'error', service: 'pooler-test', stream: { write: () => {} } }),
+    controlPlane: cp,
+    secureContext: () => createSecureContext({ cert: o.cert.certPem, key: o.cert.keyPem }),
+  });
+  const opened: { end: () => void }[] = [];
+  t.teardown(async () => {
+    for (const x of opened) x.end();
+    await proxy.close();
+  });
+  const servername = `${o.endpoint}-pooler.localtest.me`;
+  const cfg = (x: Partial<pg.ClientConfig> = {}): pg.ClientConfig => ({
+    host: '127.0.0.1',
+    port: proxy.address.port,
+    user: 'app',
+    password: 'app-password',
+    database: 'app',
+    ssl: { ca: o.ca, servername },
+    ...x,
+  });
+  const client = async (x: Partial<pg.ClientConfig> = {}): Promise<pg.Client> => {
+    const c = new pg.Client(cfg(x));
+    c.on('error', () => {});
+    await c.connect();
+    opened.push({ end: () => void c.end().catch(() => {}) });
+    return c;
+  };
+  const raw = async (): Promise<RawSession> => {
+    const s = await rawPoolerSession({ port: proxy.address.port, ca: o.ca, servername });
+    opened.push({ end: () => s.socket.destroy() });
+    return s;
+  };
+  const pool = (): Pool => [...(proxy.pooler as unknown as { pools: Map<string, Pool> }).pools.values()][0]!;
+  const stats = () => proxy.pooler.stats().pools[0]!;
+  return { proxy, cp, cfg, client, raw, pool, stats };
 }
 
 // ---- frontend messages

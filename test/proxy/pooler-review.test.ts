@@ -6,16 +6,11 @@ import pg from 'pg';
 import postgres from 'postgres';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { createSecureContext } from 'node:tls';
 import { createCa, createServerCert } from '../../certs/generate.ts';
-import { createLogger } from '../../lib/logger.ts';
-import { bind, close, copyData, copyDone, dataRows, errorOf, execute, flush, i16, i32, msg, parse, PoolerControlPlane, query, rawPoolerSession, startAppPostgres, sync, typesOf, type Msg, type RawSession } from '../helpers/pooler.ts';
-import { loadProxyConfig, startProxy } from '../../proxy/index.ts';
-import type { Pool } from '../../proxy/pooler/pool.ts';
+import { bind, close, copyData, copyDone, dataRows, errorOf, execute, flush, i16, i32, msg, parse, query, startAppPostgres, sleep, startPoolerProxy, sync, typesOf, until, type Msg, type PoolerHarness } from '../helpers/pooler.ts';
 import type { PooledClient } from '../../proxy/pooler/client.ts';
 
 const EP = 'ep-pool-1';
-const POOLER = `${EP}-pooler`;
 
 
 const { db, secret } = await startAppPostgres(t, 'xenon-pooler-review-');
@@ -25,70 +20,11 @@ t.teardown(() => appAdmin.end());
 const ca = createCa();
 const cert = createServerCert(ca, '*.localtest.me', [{ dns: '*.localtest.me' }]);
 
-type Harness = Awaited<ReturnType<typeof startPooler>>;
+type Harness = PoolerHarness;
+const startPooler = (t: Test, env: Record<string, string> = {}, poolSize = 1): Promise<Harness> =>
+  startPoolerProxy(t, { db, secret, ca: ca.certPem, cert, endpoint: EP }, env, poolSize);
 
-/** A proxy with a pool of `poolSize` server connections; closed when `t` ends. */
-async function startPooler(t: Test, env: Record<string, string> = {}, poolSize = 1) {
-  const cp = new PoolerControlPlane({ endpoint_id: EP, project_id: 'p', branch_id: 'b', role_secret: secret, allowed_ips: [], connection_rate_limit: null, pool_size: poolSize }, db.port);
-  const config = loadProxyConfig({
-    XENON_PROXY_PORT: '0',
-    XENON_PROXY_METRICS_PORT: '0',
-    XENON_PROXY_HTTP_PORT: '0',
-    XENON_PROXY_REPORT_INTERVAL_MS: '60000',
-    XENON_POOLER_QUERY_WAIT_TIMEOUT_MS: '5000',
-    XENON_POOLER_ORPHAN_DRAIN_MS: '1000',
-    XENON_PROXY_CONNECT_RATE_BURST: '5000',
-    ...env,
-  }, []);
-  const proxy = await startProxy(config, {
-    logger: createLogger({ level: 'error', service: 'pooler-review-test', stream: { write: () => {} } }),
-    controlPlane: cp,
-    secureContext: () => createSecureContext({ cert: cert.certPem, key: cert.keyPem }),
-  });
-  const opened: { end: () => void }[] = [];
-  t.teardown(async () => {
-    for (const o of opened) o.end();
-    await proxy.close();
-  });
-  const cfg = (o: Partial<pg.ClientConfig> = {}): pg.ClientConfig => ({
-    host: '127.0.0.1',
-    port: proxy.address.port,
-    user: 'app',
-    password: 'app-password',
-    database: 'app',
-    ssl: { ca: ca.certPem, servername: `${POOLER}.localtest.me` },
-    ...o,
-  });
-  const client = async (o: Partial<pg.ClientConfig> = {}): Promise<pg.Client> => {
-    const c = new pg.Client(cfg(o));
-    c.on('error', () => {});
-    await c.connect();
-    opened.push({ end: () => void c.end().catch(() => {}) });
-    return c;
-  };
-  const raw = async () => {
-    const s = await rawSession(proxy.address.port);
-    opened.push({ end: () => s.socket.destroy() });
-    return s;
-  };
-  const pool = (): Pool => [...(proxy.pooler as unknown as { pools: Map<string, Pool> }).pools.values()][0]!;
-  const stats = () => proxy.pooler.stats().pools[0]!;
-  return { proxy, cp, cfg, client, raw, pool, stats };
-}
-
-function rawSession(port: number): Promise<RawSession> {
-  return rawPoolerSession({ port, ca: ca.certPem, servername: `${POOLER}.localtest.me` });
-}
 const types = (m: Msg[]): string => typesOf(m).join('');
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-async function until(cond: () => boolean, ms = 5_000): Promise<boolean> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) return false;
-    await sleep(20);
-  }
-  return true;
-}
 const pooledClients = (h: Harness): PooledClient[] => [...h.pool().clients];
 
 await appAdmin.query(`CREATE TABLE users (name text); INSERT INTO users VALUES ('real'); GRANT ALL ON users TO app`);
