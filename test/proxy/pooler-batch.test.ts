@@ -176,3 +176,40 @@ t.test('XENON_POOLER_PIPELINE_DEPTH=1 turns batching off', async (t) => {
   await Promise.all(results);
   t.equal(h.stats().pipelined, 0);
 });
+
+t.test('many clients on two server connections mixing batchable SELECTs, failing SELECTs, transactions and reconnects: every answer is the asker\'s own', async (t) => {
+  const h = await startPoolerProxy(t, { db, secret, ca: ca.certPem, cert, endpoint: EP }, {}, 2);
+  let wrong = 0;
+  let checked = 0;
+  const note = (ok: boolean, what: string): void => {
+    checked++;
+    if (!ok && wrong++ < 5) t.fail(what);
+  };
+  const worker = async (id: number): Promise<void> => {
+    let c = await h.client();
+    for (let i = 0; i < 25; i++) {
+      const r = (id * 31 + i * 17) % 10;
+      if (r < 6) {
+        const row = (await c.query(`SELECT ${id} AS id, ${i} AS i, pg_current_xact_id_if_assigned()::text AS x`)).rows[0];
+        note(row.id === id && row.i === i && row.x === null, `client ${id} step ${i}: got ${JSON.stringify(row)}`);
+      } else if (r < 7) {
+        const code = await codeOf(c.query(`SELECT ${id} / (${i} - ${i}) AS boom`));
+        note(code === '22012', `client ${id} step ${i}: division by zero expected, got ${code}`);
+      } else if (r < 9) {
+        await c.query('BEGIN');
+        const x = (await c.query('SELECT txid_current()::text AS x')).rows[0].x;
+        const again = (await c.query(`SELECT ${id} AS id, pg_current_xact_id_if_assigned()::text AS x`)).rows[0];
+        await c.query('COMMIT');
+        note(again.id === id && again.x === x, `client ${id} step ${i}: its transaction ${x}, saw ${JSON.stringify(again)}`);
+      } else {
+        await c.end();
+        c = await h.client();
+      }
+    }
+    await c.end();
+  };
+  await Promise.all(Array.from({ length: 60 }, (_, id) => worker(id)));
+  t.equal(wrong, 0, `${checked} answers checked`);
+  t.ok(h.stats().pipelined > 0, `batches formed (${h.stats().pipelined} queries batched)`);
+  t.ok(h.stats().servers.total <= 2);
+});
