@@ -391,7 +391,7 @@ export class ServerConn {
   private requeueHead(): void {
     const c = this.client;
     const q = this.headQuery;
-    if (!c || !q) return;
+    if (!c || !q || c.closed) return;
     this.pool.counters.pipelineRetries++;
     this.send(q);
     this.expect(K.QUERY);
@@ -484,7 +484,11 @@ export class ServerConn {
       else if (this.retryHead) {
         this.retryHead = false;
         this.requeueHead();
-      } else this.forward(buf, start, end);
+      } else {
+        this.forward(buf, start, end);
+        // Its query is done: what this client sends next is its own, exposed to no one's cancel.
+        this.headAtRisk = false;
+      }
       if (this.followers.length && this.followers[0]!.seq === this.seqHead) this.handOn();
       this.drainFakes();
       return;
@@ -499,7 +503,7 @@ export class ServerConn {
           return;
         }
         // A cancel meant for another query of the batch landed on this one: it runs again.
-        if (kind === K.QUERY && this.headAtRisk && errorCode(buf.subarray(start + 5, end)) === '57014') {
+        if (kind === K.QUERY && this.headAtRisk && this.headQuery && this.client && !this.client.closed && errorCode(buf.subarray(start + 5, end)) === '57014') {
           this.retryHead = true;
           return;
         }
