@@ -127,12 +127,17 @@ export class Autoscaler {
     };
     const d = decide(cu, lo, hi, load, prev.coldStreak);
     this.last.get(row.id)!.coldStreak = d.coldStreak;
-    await this.resize(row.id, cu, d.cu, d.why);
+    // Measured on `row` and `cu`: a pin, new bounds or another resize since then make it stale.
+    await this.resize(row.id, cu, d.cu, d.why, async (current) => {
+      if (current !== cu) return false;
+      const now = await this.o.store.findEndpoint(row.id).catch(() => undefined);
+      return !!now && now.cu_override === null && now.min_cu === lo && now.max_cu === hi;
+    });
   }
 
-  private async resize(id: string, from: number, to: number, why: string): Promise<void> {
+  private async resize(id: string, from: number, to: number, why: string, stillWanted?: (current: number) => Promise<boolean>): Promise<void> {
     if (to === from) return;
-    if (await this.o.manager.resize(id, to, why)) this.decisions.inc({ direction: to > from ? 'up' : 'down' });
+    if (await this.o.manager.resize(id, to, why, stillWanted)) this.decisions.inc({ direction: to > from ? 'up' : 'down' });
   }
 
   /** After an update of the endpoint's size: a pin or new bounds take effect on the running compute now. */

@@ -188,11 +188,17 @@ export class ComputeManager {
    * Resizes a running compute under its lock (no start, stop or suspend meanwhile); false when it
    * is not active (then nothing changed).
    */
-  async resize(endpointId: string, cu: number, why: string): Promise<boolean> {
+  /**
+   * Resizes the running compute to `cu`; `stillWanted`, when given, is asked under the compute's
+   * lock, after any resize before it (an autoscaler decision checks that no pin or new bounds
+   * arrived while it measured).
+   */
+  async resize(endpointId: string, cu: number, why: string, stillWanted?: (current: number) => Promise<boolean>): Promise<boolean> {
     const rt = this.runtimes.get(endpointId);
     if (!rt || !this.o.driver.resize) return false;
     return this.withLock(rt, async () => {
       if (rt.state !== 'active' || rt.cu === undefined || rt.cu === cu) return false;
+      if (stillWanted && !(await stillWanted(rt.cu))) return false;
       const from = rt.cu;
       await this.o.driver.resize!(rt.id, cuResources(cu));
       rt.cu = cu;
