@@ -705,9 +705,8 @@ export class PooledClient {
     }
     const s = this.server;
     this.server = null;
-    // Its query heads a batch: the others' answers follow it, its own are dropped (no transaction to end).
-    if (s && s.followers.length) s.ownerGone();
-    else if (s) s.orphaned(this.inBatch, this.opts.orphanDrainMs);
+    // Heading a batch, the server goes on to the others' answers; its own are dropped (no transaction to end).
+    if (s && !s.followers.length) s.orphaned(this.inBatch, this.opts.orphanDrainMs);
     if (!this.socket.destroyed && !this.socket.writableEnded) this.socket.end();
     this.opts.onClose(this);
   }

@@ -350,11 +350,6 @@ export class ServerConn {
     this.cancelAtHead.add(c);
   }
 
-  /** The current client left with followers behind it: its answers are dropped, the batch goes on. */
-  ownerGone(): void {
-    this.flushRun();
-  }
-
   /** The head's query finished (ReadyForQuery): the next follower's answers come next. */
   private handOn(): void {
     const now = performance.now();
